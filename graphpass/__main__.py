@@ -1,0 +1,3 @@
+from graphpass.cli import main
+
+raise SystemExit(main())

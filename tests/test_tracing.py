@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+import graphpass as gp
+from graphpass.meta import META_MODULE, META_TENSOR, TensorInfo
+from tests.models import DataDependent, Gate, SmallResNet
+
+
+def test_trace_propagates_shapes_without_allocating():
+    gm = gp.trace(SmallResNet(), gp.example_inputs(512, 64, device="meta"))
+    infos = {n.name: n.meta[META_TENSOR] for n in gm.graph.nodes}
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert infos[out.name] == TensorInfo((512, 10), torch.float32, 512 * 10 * 4)
+    assert all(META_MODULE in n.meta for n in gm.graph.nodes)
+
+
+def test_untraceable_module_is_named_with_source_line():
+    with pytest.raises(gp.TraceError) as e:
+        gp.trace(DataDependent())
+    msg = str(e.value)
+    assert "'gate' (Gate)" in msg and "models.py" in msg and "if x.sum() > 0" in msg and "leaf_modules" in msg
+    gm = gp.trace(DataDependent(), leaf_modules=[Gate])  # the documented fix works
+    assert any(n.op == "call_module" and n.target == "gate" for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("torchvision:resnet5000", "unknown torchvision model 'resnet5000'"),
+        ("resnet18", "is not of the form"),
+        ("nowhere/model.py:make", "does not exist"),
+        ("foo:bar", "neither 'torchvision', 'timm' nor a .py file"),
+    ],
+)
+def test_bad_model_strings(spec, fragment):
+    with pytest.raises(gp.ModelSpecError, match=fragment.replace("(", r"\(")):
+        gp.load_model(spec)
+
+
+def test_factory_that_raises(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def make():\n    raise ValueError('no weights here')\n")
+    with pytest.raises(gp.ModelSpecError, match=r"make\(\) raised ValueError: no weights here"):
+        gp.load_model(f"{f}:make")
+
+
+def test_wrong_input_shape_names_the_node():
+    with pytest.raises(gp.InputError, match=r"node stem_0 .*\(2, 1, 32, 32\)"):
+        gp.trace(SmallResNet(), (torch.randn(2, 1, 32, 32),))
