@@ -1,0 +1,437 @@
+"""Compressed storage of tensors kept for backward: K-bit codes packed into bytes.
+
+Three layouts, each a :class:`Packed` record that :func:`unpack` expands again:
+
+- ``group``: generic. Elements are taken in memory order and split into groups of ``group_size``;
+  each group keeps its own float32 ``base`` and ``step`` (min/max of its finite values).
+- ``anchored``: BLPA's zero-anchored per-channel grid (papers.md section 1.4). The step is
+  ``6 * std_c / 2**bits`` and the grid has a bin boundary at 0, so ``code >= shift_c`` exactly when
+  ``v > 0``: a ReLU mask rebuilt from the codes is exact. The shift is clamped to ``[1, 2**bits - 1]``
+  so both signs always own a bin (the official code gives positive values negative codes for
+  ``mean_c/step_c`` below about -3). Values are rebuilt at bin midpoints, so they keep their sign.
+- ``mask``: one bit per element of a bool tensor.
+
+Codes of ``8 // bits`` consecutive elements share a byte, the first in the low bits.
+
+Non-finite values are stored in band, so no code path needs a data-dependent shape or a host sync:
+a group (``group``) or block of ``FLAG_BLOCK`` elements (``anchored``) that holds NaN or +-Inf is
+flagged, its top three codes then stand for NaN, +Inf and -Inf, and its finite values use the
+remaining ``2**bits - 3`` codes (a single level at 2 bits). Scales are computed over finite values.
+
+CUDA tensors go through the fused Triton kernels in :mod:`graphpass.triton_kernels` (one pass each
+way); CPU, meta and fake tensors through the PyTorch code here, which computes the same codes
+with the same float32 operations. Inputs are read in memory order (``Packed.perm``), so
+channels_last and other dense layouts are not copied and come back with the same strides.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from graphpass.errors import InputError, UnsupportedError
+
+__all__ = [
+    "Packed",
+    "pack_groups",
+    "pack_anchored",
+    "pack_mask",
+    "unpack",
+    "SUPPORTED_BITS",
+    "DEFAULT_GROUP_SIZE",
+    "FLAG_BLOCK",
+    "triton_available",
+    "anchored_grid",
+]
+
+_log = logging.getLogger(__name__)
+
+SUPPORTED_BITS = (2, 4, 8)
+DEFAULT_GROUP_SIZE = 256
+FLAG_BLOCK = 1024  # anchored layout: elements per NaN/Inf flag (one Triton program each)
+TINY_STEP = 2.0**-100  # smallest grid step; keeps 1/step finite for constant channels
+_BACKENDS = (None, "torch", "triton")
+
+
+@dataclass(eq=False)
+class Packed:
+    """Everything kept for one compressed tensor."""
+
+    layout: str  # "group" | "anchored" | "mask"
+    bits: int
+    shape: torch.Size
+    dtype: torch.dtype
+    codes: torch.Tensor  # uint8, 1-D, 8 // bits codes per byte
+    perm: tuple[int, ...]  # memory order: original.permute(perm) was contiguous
+    scales: torch.Tensor | None = None  # group: (groups, 2) float32 rows [base, step]
+    mean: torch.Tensor | None = None  # anchored: (C,) float32
+    std: torch.Tensor | None = None  # anchored: (C,) float32
+    flags: torch.Tensor | None = None  # uint8 per group / FLAG_BLOCK: 1 where NaN/Inf are coded
+    group_size: int = 0  # group: elements per group; anchored: FLAG_BLOCK
+    channel_dim: int = 1  # anchored: channel dimension of the original shape
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.codes, self.scales, self.mean, self.std, self.flags)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+@torch.no_grad()
+def pack_groups(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    stochastic: bool = False,
+    backend: str | None = None,
+) -> Packed:
+    """Quantize ``x`` with a float32 ``base``/``step`` per group of ``group_size`` elements.
+
+    Deterministic rounding is round-to-nearest (error at most ``step / 2``); ``stochastic=True``
+    rounds up with probability equal to the fractional part, which is unbiased.
+    ``backend`` forces "torch" or "triton"; by default CUDA tensors use Triton.
+    """
+    _check_bits(bits)
+    _check_float(x, "pack_groups")
+    _check_backend(backend)
+    if not (4 <= group_size <= 2**16 and group_size & (group_size - 1) == 0):
+        raise InputError(f"pack_groups: group_size={group_size} must be a power of two in [4, 65536]")
+    flat, perm = _flatten(x)
+    numel = flat.numel()
+    num_groups = -(-numel // group_size)
+    kernels = _kernels_for(x, backend)
+    if kernels is not None and numel > 0:
+        codes, scales, flags = kernels.group_pack(flat, bits, group_size, stochastic)
+    else:
+        codes, scales, flags = _group_pack_torch(flat, bits, group_size, num_groups, stochastic)
+    return Packed("group", bits, x.shape, x.dtype, codes, perm, scales=scales, flags=flags, group_size=group_size)
+
+
+@torch.no_grad()
+def pack_anchored(
+    v: torch.Tensor,
+    bits: int,
+    *,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    channel_dim: int = 1,
+    stochastic: bool = False,
+    backend: str | None = None,
+) -> Packed:
+    """Quantize ``v`` on BLPA's zero-anchored per-channel grid.
+
+    ``mean``/``std`` are the per-channel mean and standard deviation of ``v`` (C elements each,
+    any shape); they set the window ``mean_c +- 3 std_c`` and are kept (as float32 copies) to
+    rebuild the grid. Sign is exact: codes at or above the channel's shift are exactly ``v > 0``.
+    """
+    _check_bits(bits)
+    _check_float(v, "pack_anchored")
+    _check_backend(backend)
+    if v.dim() == 0 or not -v.dim() <= channel_dim < v.dim():
+        raise InputError(f"pack_anchored: channel_dim={channel_dim} is out of range for a tensor of shape {tuple(v.shape)}")
+    channel_dim %= v.dim()
+    channels = v.shape[channel_dim]
+    stats = []
+    for name, t in (("mean", mean), ("std", std)):
+        if not isinstance(t, torch.Tensor) or t.numel() != channels:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InputError(f"pack_anchored: {name} must be a tensor of {channels} elements (channel_dim={channel_dim}), got {got}")
+        # A copy: the caller may update its statistics in place after packing.
+        stats.append(t.detach().reshape(-1).to(device=v.device, dtype=torch.float32, copy=True))
+    mean32, std32 = stats
+    flat, perm = _flatten(v)
+    inner = math.prod(v.shape[d] for d in perm[perm.index(channel_dim) + 1 :])
+    kernels = _kernels_for(v, backend)
+    if kernels is not None and flat.numel() > 0:
+        codes, flags = kernels.anchored_pack(flat, bits, mean32, std32, channels, inner, stochastic)
+    else:
+        codes, flags = _anchored_pack_torch(flat, bits, mean32, std32, channels, inner, stochastic)
+    return Packed(
+        "anchored", bits, v.shape, v.dtype, codes, perm,
+        mean=mean32, std=std32, flags=flags, group_size=FLAG_BLOCK, channel_dim=channel_dim,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def pack_mask(m: torch.Tensor, *, backend: str | None = None) -> Packed:
+    """Store a bool tensor in one bit per element."""
+    _check_backend(backend)
+    if m.dtype != torch.bool:
+        raise InputError(f"pack_mask: expected a bool tensor, got {m.dtype}; pass (tensor != 0) for a mask")
+    flat, perm = _flatten(m)
+    kernels = _kernels_for(m, backend)
+    if kernels is not None and flat.numel() > 0:
+        codes = kernels.mask_pack(flat)
+    else:
+        codes = _pack_bits(_pad(flat.to(torch.uint8), 8), 1)
+    return Packed("mask", 1, m.shape, torch.bool, codes, perm)
+
+
+@torch.no_grad()
+def unpack(p: Packed, *, backend: str | None = None) -> torch.Tensor:
+    """Rebuild the tensor ``p`` was packed from: same shape, dtype and memory layout."""
+    _check_backend(backend)
+    numel = p.numel
+    kernels = _kernels_for(p.codes, backend)
+    if p.layout == "group":
+        if kernels is not None and numel > 0:
+            flat = kernels.group_unpack(p.codes, p.scales, p.flags, p.bits, p.group_size, numel, p.dtype)
+        else:
+            flat = _group_unpack_torch(p, numel)
+    elif p.layout == "anchored":
+        channels = p.shape[p.channel_dim]
+        inner = math.prod(p.shape[d] for d in p.perm[p.perm.index(p.channel_dim) + 1 :])
+        if kernels is not None and numel > 0:
+            flat = kernels.anchored_unpack(p.codes, p.flags, p.mean, p.std, p.bits, channels, inner, numel, p.dtype)
+        else:
+            flat = _anchored_unpack_torch(p, numel, channels, inner)
+    elif p.layout == "mask":
+        if kernels is not None and numel > 0:
+            flat = kernels.mask_unpack(p.codes, numel)
+        else:
+            flat = _unpack_bits(p.codes, 1, numel).to(torch.bool)
+    else:
+        raise InputError(f"unpack: unknown layout {p.layout!r}; expected 'group', 'anchored' or 'mask'")
+    return _restore(flat, p.shape, p.perm)
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels import here (CUDA tensors then use them)."""
+    return _kernels() is not None
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+_KERNELS: list[ModuleType | None] = []  # memo of the guarded import
+
+
+def _kernels() -> ModuleType | None:
+    if not _KERNELS:
+        try:
+            from graphpass import triton_kernels
+        except Exception as e:  # a broken triton must not break CPU users
+            _log.info("Triton kernels unavailable, using the PyTorch path: %s", e)
+            triton_kernels = None
+        _KERNELS.append(triton_kernels)
+    return _KERNELS[0]
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:
+        return False
+    return is_fake(t)
+
+
+def _kernels_for(t: torch.Tensor, backend: str | None) -> ModuleType | None:
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        kernels = _kernels()
+        if kernels is None:
+            raise UnsupportedError("backend='triton' was requested but triton cannot be imported here")
+        return kernels
+    if t.device.type != "cuda" or _is_fake(t):
+        return None
+    return _kernels()
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise InputError(f"bits={bits!r} is not supported; use one of {SUPPORTED_BITS}")
+
+
+def _check_float(x: torch.Tensor, where: str) -> None:
+    if not x.is_floating_point():
+        raise InputError(f"{where}: expected a floating-point tensor, got {x.dtype}; integer tensors are stored exactly, bool ones with pack_mask")
+
+
+def _check_backend(backend: str | None) -> None:
+    if backend not in _BACKENDS:
+        raise InputError(f"backend={backend!r} is not one of {_BACKENDS}")
+
+
+# ----------------------------------------------------------------------------- layout helpers
+
+
+def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A 1-D view of ``x`` in memory order and the permutation giving that order.
+
+    Copies only when ``x`` is not dense (a slice, an expanded tensor)."""
+    identity = tuple(range(x.dim()))
+    if x.is_contiguous():
+        return x.reshape(-1), identity
+    perm = tuple(sorted(identity, key=lambda d: (-x.stride(d), d)))
+    permuted = x.permute(perm)
+    if permuted.is_contiguous():
+        return permuted.reshape(-1), perm
+    return x.contiguous().reshape(-1), identity
+
+
+def _restore(flat: torch.Tensor, shape: torch.Size, perm: tuple[int, ...]) -> torch.Tensor:
+    inverse = [0] * len(perm)
+    for i, d in enumerate(perm):
+        inverse[d] = i
+    return flat.view([shape[d] for d in perm]).permute(inverse)
+
+
+def _pad(t: torch.Tensor, multiple: int, value: float = 0) -> torch.Tensor:
+    extra = -t.numel() % multiple
+    return torch.nn.functional.pad(t, (0, extra), value=value) if extra else t
+
+
+def _pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes (length a multiple of 8 // bits) -> bytes, the first code in the low bits."""
+    per = 8 // bits
+    rows = codes.view(-1, per)
+    out = rows[:, 0].clone()
+    for j in range(1, per):
+        out |= rows[:, j] << (j * bits)
+    return out
+
+
+def _unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).view(-1)[:numel]
+
+
+def _special_codes(x: torch.Tensor, code: torch.Tensor, top: torch.Tensor | int) -> torch.Tensor:
+    """Codes top+1, top+2, top+3 mean NaN, +Inf, -Inf (only in flagged groups/blocks)."""
+    code = torch.where(x != x, top + 1, code)
+    code = torch.where(x == math.inf, top + 2, code)
+    return torch.where(x == -math.inf, top + 3, code)
+
+
+def _decode_specials(value: torch.Tensor, code: torch.Tensor, top: torch.Tensor | int) -> torch.Tensor:
+    special = torch.where(code == top + 1, math.nan, torch.where(code == top + 2, math.inf, -math.inf))
+    return torch.where(code > top, special, value)
+
+
+def _top_code(flagged: torch.Tensor, bits: int) -> torch.Tensor:
+    """Highest code for finite values: 2**bits - 1, or 2**bits - 4 where NaN/Inf take the top three."""
+    n = 1 << bits
+    return torch.where(flagged, n - 4, n - 1)
+
+
+def _per_element(per_block: torch.Tensor, numel: int) -> torch.Tensor:
+    """Spread one value per FLAG_BLOCK over the elements (int16 keeps the CPU temporary small)."""
+    blocks = per_block.numel()
+    return per_block.to(torch.int16)[:, None].expand(blocks, FLAG_BLOCK).reshape(-1)[:numel]
+
+
+def _level_reciprocals(bits: int) -> tuple[float, float]:
+    """1 / (levels - 1) for plain and flagged groups (0 where a flagged group has one level)."""
+    n = 1 << bits
+    return 1.0 / (n - 1), (1.0 / (n - 4) if n > 4 else 0.0)
+
+
+def anchored_grid(mean: torch.Tensor, std: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel (step, 1/step, shift) of the zero-anchored grid, all float32.
+
+    A zero or non-finite std (constant channel) falls back to a step that still represents the
+    mean; shift is clamped to [1, 2**bits - 1] so both signs have a bin.
+    The Triton kernels compute the same float32 expression per element."""
+    n = 1 << bits
+    step = std * (6.0 / n)
+    alt = mean.abs() * (2.0 / n)
+    alt = torch.where((alt > TINY_STEP) & (alt < math.inf), alt, TINY_STEP)
+    step = torch.where((step > TINY_STEP) & (step < math.inf), step, alt)
+    inv = 1.0 / step
+    q = torch.floor(mean * inv)
+    q = torch.where(q == q, q, 0.0)
+    shift = torch.clamp((n // 2) - q, 1, n - 1)
+    return step, inv, shift
+
+
+# ----------------------------------------------------------------------------- PyTorch path
+
+
+def _group_pack_torch(flat: torch.Tensor, bits: int, group_size: int, num_groups: int, stochastic: bool):
+    numel = flat.numel()
+    x = flat.to(torch.float32)
+    if numel and numel % group_size:
+        # Repeat the last element: it leaves min/max and the NaN flag of the last group unchanged.
+        x = torch.cat([x, x[-1:].expand(num_groups * group_size - numel)])
+    x = x.view(num_groups, group_size)
+    finite = torch.isfinite(x)
+    lo = torch.where(finite, x, math.inf).amin(1) if numel else x.new_zeros(0)
+    hi = torch.where(finite, x, -math.inf).amax(1) if numel else x.new_zeros(0)
+    flagged = ~finite.all(1)
+    none_finite = lo > hi
+    lo = torch.where(none_finite, 0.0, lo)
+    hi = torch.where(none_finite, 0.0, hi)
+    top = _top_code(flagged, bits)
+    rcp_plain, rcp_flagged = _level_reciprocals(bits)
+    rcp = torch.where(flagged, rcp_flagged, rcp_plain)
+    step = hi * rcp - lo * rcp
+    base = torch.where(top > 0, lo, lo * 0.5 + hi * 0.5)
+    inv = torch.where(step > 0, 1.0 / torch.where(step > 0, step, 1.0), 0.0)
+    inv = torch.where(inv < math.inf, inv, 0.0)
+    t = (torch.where(finite, x, 0.0) - base[:, None]) * inv[:, None]
+    t = torch.where(inv[:, None] > 0, t, 0.0)
+    t = t + (torch.rand_like(t) if stochastic else 0.5)
+    q = torch.minimum(torch.floor(t).clamp_min_(0.0), top[:, None].to(torch.float32))
+    code = _special_codes(x, q.to(torch.int32), top[:, None]).view(-1)
+    if numel % group_size:
+        code[numel:] = 0
+    codes = _pack_bits(code.to(torch.uint8), bits)
+    return codes, torch.stack([base, step], 1), flagged.to(torch.uint8)
+
+
+def _group_unpack_torch(p: Packed, numel: int) -> torch.Tensor:
+    groups = p.scales.shape[0]
+    code = _unpack_bits(p.codes, p.bits, groups * p.group_size).view(groups, p.group_size)
+    base, step = p.scales[:, 0:1], p.scales[:, 1:2]
+    value = base + code.to(torch.float32) * step
+    value = _decode_specials(value, code.to(torch.int32), _top_code(p.flags.bool(), p.bits)[:, None])
+    return value.view(-1)[:numel].to(p.dtype)
+
+
+def _anchored_pack_torch(flat, bits, mean, std, channels, inner, stochastic):
+    numel = flat.numel()
+    if numel == 0:
+        return flat.new_zeros(0, dtype=torch.uint8), flat.new_zeros(0, dtype=torch.uint8)
+    x = flat.to(torch.float32).view(-1, channels, inner)
+    step, inv, shift = (t.view(1, channels, 1) for t in anchored_grid(mean, std, bits))
+    finite = torch.isfinite(x)
+    blocks = -(-numel // FLAG_BLOCK)
+    flagged = ~_pad(finite.view(-1), FLAG_BLOCK, value=True).view(blocks, FLAG_BLOCK).all(1)
+    top = _per_element(_top_code(flagged, bits), numel).view_as(x)
+    xs = torch.where(finite, x, 0.0)
+    t = xs * inv
+    if stochastic:
+        r = torch.floor(t + (torch.rand_like(t) - 0.5))
+    else:
+        r = torch.ceil(t) - 1.0
+    # Exact sign even where v * inv underflows or stochastic rounding would cross zero.
+    r = torch.where(xs > 0, r.clamp_min(0.0), r.clamp_max(-1.0))
+    q = torch.minimum((r + shift).clamp_min_(0.0), top.to(torch.float32))
+    code = _special_codes(x, q.to(torch.int32), top).view(-1)
+    codes = _pack_bits(_pad(code.to(torch.uint8), 8 // bits), bits)
+    return codes, flagged.to(torch.uint8)
+
+
+def _anchored_unpack_torch(p: Packed, numel: int, channels: int, inner: int) -> torch.Tensor:
+    if numel == 0:
+        return p.codes.new_zeros(0, dtype=p.dtype)
+    step, _, shift = (t.view(1, channels, 1) for t in anchored_grid(p.mean, p.std, p.bits))
+    code = _unpack_bits(p.codes, p.bits, numel).view(-1, channels, inner).to(torch.int32)
+    top = _per_element(_top_code(p.flags.bool(), p.bits), numel).view_as(code)
+    value = ((code.to(torch.float32) - shift) + 0.5) * step
+    return _decode_specials(value, code, top).view(-1).to(p.dtype)

@@ -1,0 +1,270 @@
+"""Packing formats of graphpass.quantize: error bounds, exact sign, NaN/Inf, edge cases, and the
+Triton kernels (run by the interpreter on the CPU) against the PyTorch path."""
+
+import math
+import os
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from graphpass.errors import InputError
+from graphpass.quantize import (
+    FLAG_BLOCK,
+    anchored_grid,
+    pack_anchored,
+    pack_groups,
+    pack_mask,
+    triton_available,
+    unpack,
+)
+
+BITS = (2, 4, 8)
+
+
+def _group_steps(p, numel):
+    """Per-element step of the group each element belongs to."""
+    return p.scales[:, 1].repeat_interleave(p.group_size)[:numel]
+
+
+def _channel_stats(v, channel_dim=1):
+    dims = [d for d in range(v.dim()) if d != channel_dim]
+    if v.numel() == 0:
+        return torch.zeros(v.shape[channel_dim]), torch.ones(v.shape[channel_dim])
+    return v.mean(dims), v.std(dims, correction=0)
+
+
+def _window(v, p, channel_dim=1):
+    """Per-element step, and whether the element lies inside the channel's representable range."""
+    n = 1 << p.bits
+    step, _, shift = anchored_grid(p.mean, p.std, p.bits)
+    view = [1] * v.dim()
+    view[channel_dim] = -1
+    step, shift = step.view(view), shift.view(view)
+    inside = (v > -shift * step) & (v <= (n - shift) * step)
+    return step.expand_as(v), inside
+
+
+# ----------------------------------------------------------------------------- group layout
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", [4, 64, 256])
+def test_group_round_to_nearest_within_half_step(bits, group_size):
+    x = torch.randn(3, 7, 29) * torch.logspace(-3, 3, 29)  # groups with very different ranges; numel not a multiple
+    p = pack_groups(x, bits, group_size=group_size)
+    y = unpack(p)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    err = (x - y).abs().reshape(-1)
+    bound = _group_steps(p, x.numel()) * 0.5 * (1 + 1e-5) + 1e-6 * x.abs().reshape(-1)
+    assert (err <= bound).all(), (err - bound).max()
+    groups = -(-x.numel() // group_size)
+    assert p.nbytes == groups * group_size * bits // 8 + groups * 8 + groups
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_group_stochastic_rounding_is_unbiased(bits):
+    # 4000 identical groups: each has the same grid, so averaging over groups averages over draws.
+    row = torch.rand(64)
+    row[0], row[-1] = 0.0, 1.0  # fixes the grid: step 1 / (2**bits - 1)
+    x = row.repeat(4000)
+    p = pack_groups(x, bits, group_size=64, stochastic=True)
+    y = unpack(p).view(4000, 64)
+    step = 1.0 / ((1 << bits) - 1)
+    assert ((y - row).abs() <= step * (1 + 1e-5)).all()
+    bias = (y.mean(0) - row).abs().max().item()
+    assert bias < 0.05 * step, bias
+    deterministic_bias = (unpack(pack_groups(row, bits, group_size=64)) - row).abs().max().item()
+    assert deterministic_bias > 0.2 * step  # the test would notice rounding to nearest
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_group_constant_and_all_nonfinite_groups(bits):
+    x = torch.cat([torch.full((64,), 3.25), torch.zeros(64), torch.full((64,), math.nan)])
+    y = unpack(pack_groups(x, bits, group_size=64))
+    assert torch.equal(y[:128], x[:128])  # constant groups are exact
+    assert torch.isnan(y[128:]).all()
+
+
+# ----------------------------------------------------------------------------- anchored layout
+
+
+def _signed_test_tensor():
+    """Channels whose mean/std ratio spans both shift clamps, plus values at and near zero."""
+    v = torch.randn(4, 6, 5, 7)
+    ratio = torch.tensor([-5.0, -3.5, -0.5, 0.0, 1.0, 5.0])  # mean in units of std
+    v = v + ratio.view(1, -1, 1, 1)
+    flat = v.view(-1)
+    flat[:8] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-45, -1e-45, 1e-7, -1e-7])
+    return v
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_anchored_sign_is_exact(bits):
+    v = _signed_test_tensor()
+    mean, std = _channel_stats(v)
+    p = pack_anchored(v, bits, mean=mean, std=std)
+    y = unpack(p)
+    assert torch.equal(y > 0, v > 0)
+    assert (y != 0).all()  # midpoints: a value <= 0 comes back strictly negative
+    _, _, shift = anchored_grid(p.mean, p.std, bits)
+    assert ((shift >= 1) & (shift <= (1 << bits) - 1)).all()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_anchored_within_half_step_inside_window(bits):
+    v = _signed_test_tensor()
+    mean, std = _channel_stats(v)
+    p = pack_anchored(v, bits, mean=mean, std=std)
+    step, inside = _window(v, p)
+    err = (unpack(p) - v).abs()
+    assert inside.float().mean() > 0.8  # the window covers most of each channel
+    assert (err[inside] <= step[inside] * 0.5 * (1 + 1e-5)).all()
+    assert p.nbytes == -(-v.numel() * bits // 8) + 6 * 8 + -(-v.numel() // FLAG_BLOCK)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_anchored_stochastic_rounding_is_unbiased(bits):
+    n = 1 << bits
+    step = 6.0 / n
+    row = torch.tensor([-2.3, -1.1, 0.7, 1.3, 2.1]) + 0.3 * step  # away from zero, inside the window
+    row = row[(row.abs() > step) & (row > -n // 2 * step) & (row < (n // 2 - 1) * step)]
+    v = row.view(1, 1, -1).expand(20000, 1, -1).contiguous()
+    p = pack_anchored(v, bits, mean=torch.zeros(1), std=torch.ones(1), stochastic=True)
+    y = unpack(p).view(20000, -1)
+    assert torch.equal(y > 0, v.view(20000, -1) > 0)
+    bias = (y.mean(0) - row).abs().max().item()
+    assert bias < 0.05 * step, bias
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_anchored_constant_channels_give_no_nan(bits):
+    v = torch.empty(2, 3, 4)
+    v[:, 0], v[:, 1], v[:, 2] = 2.5, 0.0, -1.0
+    mean, std = _channel_stats(v)
+    assert torch.equal(std, torch.zeros(3))
+    y = unpack(pack_anchored(v, bits, mean=mean, std=std))
+    assert torch.isfinite(y).all()
+    assert torch.equal(y > 0, v > 0)
+    assert ((y - v).abs() <= v.abs() / (1 << bits) + 1e-20).all()
+
+
+@pytest.mark.parametrize("channel_dim", [0, 1, -1])
+def test_anchored_any_rank_and_channel_dim(channel_dim):
+    v = torch.randn(5, 6, 7)
+    mean, std = _channel_stats(v, channel_dim % 3)
+    y = unpack(pack_anchored(v, 4, mean=mean, std=std, channel_dim=channel_dim))
+    assert torch.equal(y > 0, v > 0)
+    step, inside = _window(v, pack_anchored(v, 4, mean=mean, std=std, channel_dim=channel_dim), channel_dim % 3)
+    assert ((y - v).abs()[inside] <= step[inside] * 0.5 * (1 + 1e-5)).all()
+
+
+def test_channels_last_is_read_in_place_and_keeps_its_layout():
+    v = torch.randn(2, 8, 5, 5).to(memory_format=torch.channels_last)
+    mean, std = _channel_stats(v)
+    p = pack_anchored(v, 4, mean=mean, std=std)
+    assert p.perm == (0, 2, 3, 1)  # memory order: no copy into NCHW
+    y = unpack(p)
+    assert y.stride() == v.stride()
+    contiguous = pack_anchored(v.contiguous(), 4, mean=mean, std=std)
+    assert torch.equal(y, unpack(contiguous))
+    g = unpack(pack_groups(v, 4))
+    assert g.stride() == v.stride()
+
+
+# ----------------------------------------------------------------------------- shared edge cases
+
+
+def _pack(layout, x, bits, **kw):
+    if layout == "group":
+        return pack_groups(x, bits, **kw)
+    mean, std = _channel_stats(torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0))
+    return pack_anchored(x, bits, mean=mean, std=std, **kw)
+
+
+@pytest.mark.parametrize("layout", ["group", "anchored"])
+@pytest.mark.parametrize("bits", BITS)
+def test_nan_and_inf_survive(layout, bits):
+    x = torch.randn(2, 3, 300)
+    specials = {(0, 0, 5): math.nan, (0, 1, 7): math.inf, (1, 2, 299): -math.inf, (1, 0, 0): math.nan}
+    for index, value in specials.items():
+        x[index] = value
+    y = unpack(_pack(layout, x, bits))
+    for index, value in specials.items():
+        assert y[index].item() == value or (math.isnan(value) and math.isnan(y[index].item()))
+    finite = torch.isfinite(x)
+    assert torch.isfinite(y[finite]).all()
+    assert ((y - x).abs()[finite] <= 2 * (x[finite].max() - x[finite].min())).all()
+
+
+@pytest.mark.parametrize("layout", ["group", "anchored"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes_round_trip_through_float32(layout, dtype):
+    x = torch.randn(2, 4, 9, 9).to(dtype)
+    y = unpack(_pack(layout, x, 8))
+    assert y.dtype == dtype and y.shape == x.shape
+    assert torch.equal(y, unpack(_pack(layout, x.float(), 8)).to(dtype))
+
+
+@pytest.mark.parametrize("layout", ["group", "anchored", "mask"])
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (1, 4, 3, 3), (1, 4, 1, 1)])
+def test_empty_and_batch_one(layout, shape):
+    x = torch.randn(shape)
+    p = pack_mask(x > 0) if layout == "mask" else _pack(layout, x, 4)
+    y = unpack(p)
+    assert y.shape == x.shape
+    if layout == "mask":
+        assert torch.equal(y, x > 0)
+    else:
+        assert torch.isfinite(y).all() and y.dtype == x.dtype
+    if layout == "anchored":
+        assert torch.equal(y > 0, x > 0)
+
+
+@pytest.mark.parametrize("shape", [(13,), (3, 5, 7), (2, 3, 4, 5)])
+def test_mask_round_trip(shape):
+    m = torch.rand(shape) > 0.5
+    p = pack_mask(m)
+    assert p.nbytes == -(-m.numel() // 8)
+    assert torch.equal(unpack(p), m)
+    cl = (torch.rand(2, 3, 4, 5) > 0.5).to(memory_format=torch.channels_last)
+    assert torch.equal(unpack(pack_mask(cl)), cl)
+
+
+@pytest.mark.parametrize("device", ["meta", "fake"])
+def test_shape_only_tensors(device):
+    """Saved-tensor discovery runs on fake/meta tensors: same shapes, dtypes and nbytes."""
+    real = torch.randn(2, 8, 5, 5)
+    real_sizes = {
+        "group": pack_groups(real, 4).nbytes,
+        "anchored": _pack("anchored", real, 2).nbytes,
+        "mask": pack_mask(real > 0).nbytes,
+    }
+    mode = FakeTensorMode() if device == "fake" else None
+    with mode or torch.device("meta"):
+        x = torch.empty(2, 8, 5, 5, dtype=torch.bfloat16)
+        packs = {
+            "group": pack_groups(x, 4, stochastic=True),
+            "anchored": pack_anchored(x, 2, mean=torch.zeros(8), std=torch.ones(8)),
+            "mask": pack_mask(x > 0),
+        }
+        for name, p in packs.items():
+            y = unpack(p)
+            assert y.shape == x.shape and p.nbytes == real_sizes[name]
+            assert y.dtype == (torch.bool if name == "mask" else torch.bfloat16)
+
+
+def test_bad_arguments_are_clear_errors():
+    x = torch.randn(2, 3)
+    with pytest.raises(InputError, match="bits=3"):
+        pack_groups(x, 3)
+    with pytest.raises(InputError, match="group_size"):
+        pack_groups(x, 4, group_size=100)
+    with pytest.raises(InputError, match="floating-point"):
+        pack_groups(torch.ones(3, dtype=torch.int64), 4)
+    with pytest.raises(InputError, match="mean must be a tensor of 3"):
+        pack_anchored(x, 4, mean=torch.zeros(2), std=torch.ones(3))
+    with pytest.raises(InputError, match="channel_dim"):
+        pack_anchored(x, 4, mean=torch.zeros(3), std=torch.ones(3), channel_dim=2)
+    with pytest.raises(InputError, match="bool"):
+        pack_mask(x)
