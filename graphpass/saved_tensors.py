@@ -1,0 +1,333 @@
+"""Saved-tensor discovery: which tensors each node's backward keeps, learned by running the graph.
+
+The traced graph runs once in train mode on fake tensors (nothing is allocated) under
+``torch.autograd.graph.saved_tensors_hooks``; an fx Interpreter tracks the node being run, so
+every tensor autograd packs is attributed to the node whose forward saved it. Compression pack
+hooks (the quantize-on-save runtime) report what they really store through
+:mod:`graphpass.save_recorder`; tensors that our own hook sees are stored in full.
+
+Tensors are identified by the storage they keep alive (its StorageImpl, held by a strong
+reference for the whole run so its identity cannot be reused), never by a data pointer: fake and
+meta tensors have none, and the allocator reuses real ones.
+
+Each saved tensor is classified as a ``parameter``, a model ``buffer``, a graph ``input``, another
+node's ``output``, a ``view`` of one (same storage, other tensor), ``internal`` (a tensor the
+operator made for its backward, such as BatchNorm's saved mean/invstd or max-pool indices) or
+``compressed`` (reported by a pack hook).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from graphpass.errors import GraphpassError, InputError
+from graphpass.meta import META_MODULE, META_SAVED, set_meta
+from graphpass.save_recorder import recording
+from graphpass.tracing import fake_inputs
+
+__all__ = ["SavedTensor", "StorageInfo", "NodeRecord", "SavedTensors", "discover_saved_tensors", "meta_copy"]
+
+log = logging.getLogger(__name__)
+
+SAVED_KINDS = ("parameter", "buffer", "input", "output", "view", "internal", "compressed")
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """One tensor a node's backward keeps."""
+
+    kind: str  # one of SAVED_KINDS
+    source: str  # producing node, or the parameter/buffer name
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int  # bytes kept: the whole storage for full tensors, the stored bytes for compressed ones
+    storage: int  # id of the memory block kept alive (same id = same bytes; ids are per discovery run)
+    fmt: str = "full"  # "full" or the compression format reported by the pack hook
+
+
+@dataclass(frozen=True)
+class StorageInfo:
+    """One memory block seen during discovery."""
+
+    id: int
+    nbytes: int
+    kind: str  # "input" | "parameter" | "buffer" | "activation" | "internal" | "compressed"
+    owner: str  # node that allocated it, or the parameter/buffer name
+    requires_grad: bool = False  # for parameters: whether training produces a gradient for it
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """What one node did during the discovery run."""
+
+    name: str
+    module: str
+    outputs: tuple[int, ...]  # storages of the tensors the node returns (flattened)
+    grad_nbytes: int  # bytes of the gradient of its outputs (0 if they need none)
+    grad_is_alias: bool  # outputs are views or tuple items of inputs: their gradient needs no new memory
+    saved: tuple[SavedTensor, ...]
+    parameters: tuple[str, ...]  # parameters whose gradient this node's backward produces
+
+
+@dataclass
+class SavedTensors:
+    """The result of discovery: per-node records in graph order and the storages they refer to."""
+
+    nodes: dict[str, NodeRecord]
+    storages: dict[int, StorageInfo]
+    graph_outputs: tuple[int, ...]
+    parameters: dict[str, int] = field(default_factory=dict)  # name -> storage id (buffers included)
+
+    def saved_bytes(self) -> int:
+        """Bytes of activations autograd keeps at the end of forward, each storage counted once."""
+        kept = {s.storage: s.nbytes for r in self.nodes.values() for s in r.saved if s.kind not in ("parameter", "buffer", "input")}
+        return sum(kept.values())
+
+
+class _NodeFailure(InputError):
+    """A node failed on the example inputs (their shape does not fit, or no shape function)."""
+
+
+class _Discovery(torch.fx.Interpreter):
+    """Runs the graph and attributes every packed tensor to the node being run."""
+
+    def __init__(self, module: torch.fx.GraphModule, graph: torch.fx.Graph) -> None:
+        # Runs ``graph`` (the caller's nodes, so records name them) on ``module``'s attributes.
+        super().__init__(module, garbage_collect_values=False, graph=graph)
+        self.current: torch.fx.Node | None = None
+        self.keep: list[torch.Tensor] = []  # strong references: storage identities stay unique
+        self.ids: dict[int, int] = {}  # StorageImpl address -> storage id
+        self.storages: dict[int, StorageInfo] = {}
+        self.tensor_owner: dict[int, str] = {}  # id(tensor) -> node that returned exactly this tensor
+        self.saved: dict[str, dict[tuple[int, str], SavedTensor]] = {}
+        self.compressed_of: dict[tuple[int, str], int] = {}  # (original storage, fmt) -> compressed id
+        self.values: dict[str, Any] = {}  # node name -> value (kept: identities must stay unique)
+        self.parameters: dict[str, int] = {}  # parameter/buffer name -> storage id
+
+    def storage_id(self, t: torch.Tensor, kind: str, owner: str, requires_grad: bool = False) -> int:
+        key = t.untyped_storage()._cdata
+        if key not in self.ids:
+            sid = len(self.storages)
+            self.ids[key] = sid
+            self.storages[sid] = StorageInfo(sid, t.untyped_storage().nbytes(), kind, owner, requires_grad)
+            self.keep.append(t)
+        return self.ids[key]
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        self.current = n
+        try:
+            out = super().run_node(n)
+        except GraphpassError:
+            raise
+        except Exception as e:
+            args = [self.values.get(a.name) for a in n.all_input_nodes]
+            shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
+            raise _NodeFailure(
+                f"node {n.name} ({n.op} {getattr(n.target, '__name__', n.target)}) in module "
+                f"{n.meta.get(META_MODULE, '')!r} fails on inputs of shape [{shapes}]: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}; check the example inputs' shape (--batch/--image) "
+                "against what the model expects"
+            ) from e
+        finally:
+            self.current = None
+        self.values[n.name] = out
+        kind = "input" if n.op == "placeholder" else "activation"
+        for t in _tensors(out):
+            self.storage_id(t, kind, n.name)
+            self.tensor_owner.setdefault(id(t), n.name)
+            self.keep.append(t)
+        return out
+
+    def record(self, t: torch.Tensor, fmt: str = "full", stored_nbytes: int | None = None) -> None:
+        node = self.current
+        if node is None:  # packed outside any node (e.g. a loss): not part of the graph
+            return
+        self.keep.append(t)
+        known = self.ids.get(t.untyped_storage()._cdata)
+        if known is None:
+            # Not a parameter, input or earlier output: the operator made it for its backward.
+            sid = self.storage_id(t, "internal", node.name)
+            kind, source = "internal", node.name
+        else:
+            info = self.storages[known]
+            sid = known
+            if info.kind in ("parameter", "buffer", "input", "internal"):
+                kind, source = info.kind, info.owner
+            else:
+                owner = self.tensor_owner.get(id(t))
+                kind, source = ("output", owner) if owner is not None else ("view", info.owner)
+        shape, dtype = tuple(t.shape), t.dtype
+        if fmt != "full":
+            assert stored_nbytes is not None
+            key = (sid, fmt)
+            if key not in self.compressed_of:
+                if stored_nbytes == 0:
+                    return  # shares a copy reported elsewhere
+                cid = len(self.storages)
+                self.storages[cid] = StorageInfo(cid, stored_nbytes, "compressed", node.name)
+                self.compressed_of[key] = cid
+            cid = self.compressed_of[key]
+            entry = SavedTensor("compressed", source, shape, dtype, self.storages[cid].nbytes, cid, fmt)
+            self.saved.setdefault(node.name, {})[(cid, fmt)] = entry
+            return
+        entry = SavedTensor(kind, source, shape, dtype, self.storages[sid].nbytes, sid)
+        self.saved.setdefault(node.name, {})[(sid, "full")] = entry
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Tensors in a node's value (tuples, lists and dicts flattened), in order."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def _node_parameters(gm: torch.fx.GraphModule, param_names: dict[int, str]) -> dict[str, tuple[str, ...]]:
+    """For each node, the trainable parameters it consumes directly (submodule or get_attr input)."""
+    used: dict[str, tuple[str, ...]] = {}
+    for n in gm.graph.nodes:
+        names: list[str] = []
+        if n.op == "call_module":
+            for p in gm.get_submodule(n.target).parameters():
+                if id(p) in param_names:
+                    names.append(param_names[id(p)])
+        for arg in n.all_input_nodes:
+            if arg.op == "get_attr":
+                attr = _get_attr(gm, arg.target)
+                if id(attr) in param_names:
+                    names.append(param_names[id(attr)])
+        used[n.name] = tuple(dict.fromkeys(names))
+    return used
+
+
+def _get_attr(gm: torch.nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def discover_saved_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> SavedTensors:
+    """Run ``gm`` once in train mode on fake tensors and record what every node saves.
+
+    Writes ``node.meta["graphpass.saved"]`` (a tuple of :class:`SavedTensor`) on every node and
+    returns the full record. The GraphModule's parameters, buffers and mode are left as they were.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(example_inputs) != len(placeholders):
+        raise InputError(
+            f"{type(gm).__name__} takes {len(placeholders)} input(s) but {len(example_inputs)} example input(s) were given"
+        )
+    interp: _Discovery
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        interp.record(t)
+        return t
+
+    def on_pack(original: torch.Tensor, stored_nbytes: int, fmt: str) -> None:
+        if fmt == "full":
+            interp.record(original)
+        else:
+            interp.record(original, fmt, stored_nbytes)
+
+    def run(module: torch.fx.GraphModule, inputs: list[Any]) -> Any:
+        nonlocal interp
+        interp = _Discovery(module, gm.graph)
+        _register_parameters(interp, module)
+        with torch.enable_grad(), recording(on_pack), torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            return interp.run(*inputs)
+
+    # Meta tensors first (C++ shape functions, fast at any batch size); FakeTensorMode covers
+    # operators without a meta kernel. Both allocate nothing of the activations' size.
+    on_meta = all(t.is_meta for t in (*gm.parameters(), *gm.buffers()))
+    meta_gm = gm if on_meta else meta_copy(gm)
+    modes = {m: m.training for m in (*gm.modules(), *meta_gm.modules())}
+    meta_gm.train()
+    meta_inputs = [
+        torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else x
+        for x in example_inputs
+    ]
+    try:
+        out = run(meta_gm, meta_inputs)
+    except _NodeFailure as e:
+        if on_meta:
+            raise
+        log.info("meta run failed (%s); discovering on fake tensors", e)
+        gm.train()
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            out = run(gm, fake_inputs(mode, example_inputs))
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    graph_outputs = tuple(dict.fromkeys(interp.storage_id(t, "activation", "output") for t in _tensors(out)))
+
+    node_params = _node_parameters(gm, {id(p): name for name, p in gm.named_parameters()})
+    nodes: dict[str, NodeRecord] = {}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            continue
+        outs = list(_tensors(interp.values[n.name]))
+        ins = [t for a in n.all_input_nodes for t in _tensors(interp.values.get(a.name))]
+        in_storages = {t.untyped_storage()._cdata for t in ins}
+        in_ids = {id(t) for t in ins}
+        # A view's gradient is a view of the upstream gradient and a tuple item's gradient is the
+        # producer's; an in-place op (same tensor as an input) computes a new gradient.
+        grad_is_alias = bool(outs) and (
+            n.target is operator.getitem
+            or all(t.untyped_storage()._cdata in in_storages and id(t) not in in_ids for t in outs)
+        )
+        grad_nbytes = sum(t.numel() * t.element_size() for t in outs if t.requires_grad)
+        saved = tuple(interp.saved.get(n.name, {}).values())
+        record = NodeRecord(
+            name=n.name,
+            module=n.meta.get(META_MODULE, ""),
+            outputs=tuple(interp.ids[t.untyped_storage()._cdata] for t in outs),
+            grad_nbytes=grad_nbytes,
+            grad_is_alias=grad_is_alias,
+            saved=saved,
+            parameters=node_params[n.name] if grad_nbytes or saved else (),
+        )
+        nodes[n.name] = record
+        set_meta(n, META_SAVED, saved)
+    return SavedTensors(nodes, interp.storages, graph_outputs, interp.parameters)
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _register_parameters(interp: _Discovery, gm: torch.fx.GraphModule) -> None:
+    for name, p in gm.named_parameters():
+        interp.parameters[name] = interp.storage_id(p, "parameter", name, p.requires_grad)
+    for name, b in gm.named_buffers():
+        interp.parameters[name] = interp.storage_id(b, "buffer", name)
+
+
+def meta_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` whose parameters, buffers and tensor attributes are meta tensors."""
+    memo: dict[int, Any] = {}
+    for module in gm.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                memo[id(value)] = torch.empty_like(value, device="meta")
+        for value in module._parameters.values():
+            if value is not None:
+                memo[id(value)] = torch.nn.Parameter(torch.empty_like(value, device="meta"), value.requires_grad)
+        for value in module._buffers.values():
+            if value is not None:
+                memo[id(value)] = torch.empty_like(value, device="meta")
+    return copy.deepcopy(gm, memo)
