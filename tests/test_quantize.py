@@ -268,3 +268,118 @@ def test_bad_arguments_are_clear_errors():
         pack_anchored(x, 4, mean=torch.zeros(3), std=torch.ones(3), channel_dim=2)
     with pytest.raises(InputError, match="bool"):
         pack_mask(x)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+def _interpreter_problem():
+    """Why the Triton kernels cannot run on this CPU, or None when they can."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "TRITON_INTERPRET=1 is not set (tests/conftest.py sets it before triton is imported)"
+    if not triton_available():
+        return "triton cannot be imported here"
+    try:
+        unpack(pack_mask(torch.ones(3, dtype=torch.bool), backend="triton"), backend="triton")
+    except Exception as e:  # report the interpreter's own failure as the skip reason
+        return f"the Triton interpreter cannot run here: {type(e).__name__}: {e}"
+    return None
+
+
+_PROBLEM = _interpreter_problem()
+needs_interpreter = pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
+
+
+def _with_specials(x):
+    flat = x.view(-1)
+    flat[[3, flat.numel() // 2, flat.numel() - 1]] = torch.tensor([math.nan, math.inf, -math.inf], dtype=x.dtype)
+    return x
+
+
+def _assert_same_values(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+    assert torch.equal(a.isnan(), b.isnan())
+    assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@needs_interpreter
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", [4, 64])
+def test_triton_group_kernels_match_pytorch(bits, group_size):
+    x = _with_specials(torch.randn(3, 5, 7, 11)).to(memory_format=torch.channels_last)
+    ref = pack_groups(x, bits, group_size=group_size, backend="torch")
+    tri = pack_groups(x, bits, group_size=group_size, backend="triton")
+    assert torch.equal(tri.codes, ref.codes)
+    assert torch.equal(tri.scales, ref.scales) and torch.equal(tri.flags, ref.flags)
+    assert tri.perm == ref.perm and tri.nbytes == ref.nbytes
+    _assert_same_values(unpack(ref, backend="triton"), unpack(ref, backend="torch"))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_anchored_kernels_match_pytorch(bits, channels_last):
+    v = _signed_test_tensor()
+    mean, std = _channel_stats(v)
+    v = _with_specials(v)
+    v = v.to(memory_format=torch.channels_last) if channels_last else v
+    v = torch.cat([v, v[:, :, :1]], 2)  # numel not a multiple of FLAG_BLOCK or of 8
+    ref = pack_anchored(v, bits, mean=mean, std=std, backend="torch")
+    tri = pack_anchored(v, bits, mean=mean, std=std, backend="triton")
+    assert torch.equal(tri.codes, ref.codes) and torch.equal(tri.flags, ref.flags)
+    _assert_same_values(unpack(ref, backend="triton"), unpack(ref, backend="torch"))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", [(13,), (2, 3, 50, 9)])
+def test_triton_mask_kernels_match_pytorch(shape):
+    m = torch.rand(shape) > 0.5
+    ref, tri = pack_mask(m, backend="torch"), pack_mask(m, backend="triton")
+    assert torch.equal(tri.codes, ref.codes)
+    assert torch.equal(unpack(tri, backend="triton"), m)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_low_precision_dtypes(dtype):
+    x = torch.randn(2, 4, 9, 9).to(dtype)
+    ref = pack_groups(x, 8, backend="torch")
+    assert torch.equal(pack_groups(x, 8, backend="triton").codes, ref.codes)
+    tri = unpack(ref, backend="triton")
+    assert tri.dtype == dtype
+    # The interpreter truncates float32 -> bfloat16 where compiled Triton rounds to nearest: allow one ulp.
+    exact = unpack(ref, backend="torch").float()
+    assert ((tri.float() - exact).abs() <= exact.abs() * 2.0**-7).all()
+
+
+@needs_interpreter
+def test_triton_stochastic_rounding_is_unbiased():
+    row = torch.rand(64)
+    row[0], row[-1] = 0.0, 1.0
+    p = pack_groups(row.repeat(1000), 4, group_size=64, stochastic=True, backend="triton")
+    step = 1.0 / 15
+    y = unpack(p, backend="triton").view(1000, 64)
+    assert ((y - row).abs() <= step * (1 + 1e-5)).all()
+    assert (y.mean(0) - row).abs().max() < 0.1 * step
+
+    v = torch.tensor([-1.9, -0.8, 0.6, 1.7]).view(1, 1, 4).expand(1024, 1, 4).contiguous()
+    q = unpack(pack_anchored(v, 4, mean=torch.zeros(1), std=torch.ones(1), stochastic=True, backend="triton"))
+    assert torch.equal(q > 0, v > 0)
+    assert (q.view(1024, 4).mean(0) - v[0, 0]).abs().max() < 0.1 * 6 / 16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+def test_cuda_uses_triton_and_keeps_the_guarantees(bits):
+    x = _with_specials(torch.randn(8, 64, 28, 28, device="cuda")).to(memory_format=torch.channels_last)
+    mean, std = _channel_stats(x.nan_to_num(0.0, 0.0, 0.0))
+    p = pack_anchored(x, bits, mean=mean, std=std)
+    y = unpack(p)
+    assert y.stride() == x.stride()
+    assert torch.equal(y > 0, x > 0) and torch.equal(y.isnan(), x.isnan()) and torch.equal(y.isinf(), x.isinf())
+    g = unpack(pack_groups(x, bits))
+    finite = torch.isfinite(x)
+    ref = unpack(pack_groups(x.cpu(), bits, backend="torch"))
+    assert ((g.cpu() - ref).abs()[finite.cpu()] <= 1e-5 + 1e-5 * ref.abs()[finite.cpu()] + 1.0 / (1 << bits)).all()
+    m = x > 0
+    assert torch.equal(unpack(pack_mask(m)), m)

@@ -1,0 +1,271 @@
+"""Fused Triton kernels for graphpass.quantize: quantize + bit-pack in one pass over the input,
+unpack + dequantize in one pass over the codes.
+
+Imported lazily by :mod:`graphpass.quantize` (only for CUDA tensors, or when a test forces the
+Triton backend under ``TRITON_INTERPRET=1``), so a CPU install without a working triton still works.
+Every kernel computes the same float32 expressions, in the same order, as the PyTorch path, so
+deterministic codes are bit-identical; the formats are documented in :mod:`graphpass.quantize`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from graphpass.quantize import FLAG_BLOCK, TINY_STEP, _level_reciprocals
+
+__all__ = ["group_pack", "group_unpack", "anchored_pack", "anchored_unpack", "mask_pack", "mask_unpack"]
+
+_GROUP_TILE = 2048  # elements per program in the group kernels (whole groups)
+_MASK_TILE = 8192  # elements per program in the mask kernels
+
+
+@triton.jit
+def _top_code(flagged, N: tl.constexpr):
+    # Highest code for finite values; flagged groups/blocks keep the top three for NaN, +Inf, -Inf.
+    return tl.where(flagged, N - 4, N - 1)
+
+
+@triton.jit
+def _encode_specials(x, code, top):
+    code = tl.where(x != x, top + 1, code)
+    code = tl.where(x == float("inf"), top + 2, code)
+    return tl.where(x == -float("inf"), top + 3, code)
+
+
+@triton.jit
+def _decode_specials(value, code, top):
+    special = tl.where(code == top + 1, float("nan"), tl.where(code == top + 2, float("inf"), -float("inf")))
+    return tl.where(code > top, special, value)
+
+
+@triton.jit
+def _anchored_grid(mean, std, N: tl.constexpr, TINY: tl.constexpr):
+    # graphpass.quantize.anchored_grid, per element.
+    step = std * (6.0 / N)
+    alt = tl.abs(mean) * (2.0 / N)
+    alt = tl.where((alt > TINY) & (alt < float("inf")), alt, TINY)
+    step = tl.where((step > TINY) & (step < float("inf")), step, alt)
+    inv = tl.math.div_rn(tl.full(step.shape, 1.0, tl.float32), step)
+    q = tl.floor(mean * inv)
+    q = tl.where(q == q, q, 0.0)
+    shift = tl.minimum(tl.maximum((N // 2) - q, 1.0), N - 1.0)
+    return step, inv, shift
+
+
+# ----------------------------------------------------------------------------- group layout
+
+
+@triton.jit
+def _group_pack_kernel(
+    x_ptr, codes_ptr, scales_ptr, flags_ptr, numel, num_groups, seed,
+    BITS: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
+    RCP_PLAIN: tl.constexpr, RCP_FLAGGED: tl.constexpr, STOCHASTIC: tl.constexpr,
+):  # fmt: skip
+    PER: tl.constexpr = 8 // BITS
+    N: tl.constexpr = 1 << BITS
+    group = tl.program_id(0).to(tl.int64) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
+    byte = tl.arange(0, GROUP // PER)
+    lane = tl.arange(0, PER)
+    offs = group[:, None, None] * GROUP + byte[None, :, None] * PER + lane[None, None, :]
+    # Past the end, repeat the last element: min/max and the NaN flag of the last group stay the same.
+    x = tl.load(x_ptr + tl.minimum(offs, numel - 1)).to(tl.float32)
+    finite = (x == x) & (tl.abs(x) < float("inf"))
+    lo = tl.min(tl.min(tl.where(finite, x, float("inf")), axis=2), axis=1)
+    hi = tl.max(tl.max(tl.where(finite, x, -float("inf")), axis=2), axis=1)
+    flagged = tl.max(tl.max(tl.where(finite, 0, 1), axis=2), axis=1) > 0
+    none_finite = lo > hi
+    lo = tl.where(none_finite, 0.0, lo)
+    hi = tl.where(none_finite, 0.0, hi)
+    top = _top_code(flagged, N)
+    rcp = tl.where(flagged, RCP_FLAGGED, RCP_PLAIN)
+    step = hi * rcp - lo * rcp
+    base = tl.where(top > 0, lo, lo * 0.5 + hi * 0.5)
+    inv = tl.where(step > 0, tl.math.div_rn(tl.full(step.shape, 1.0, tl.float32), tl.where(step > 0, step, 1.0)), 0.0)
+    inv = tl.where(inv < float("inf"), inv, 0.0)
+    t = (tl.where(finite, x, 0.0) - base[:, None, None]) * inv[:, None, None]
+    t = tl.where(inv[:, None, None] > 0, t, 0.0)
+    if STOCHASTIC:
+        t = t + tl.rand(seed, offs.to(tl.int32))
+    else:
+        t = t + 0.5
+    q = tl.minimum(tl.maximum(tl.floor(t), 0.0), top[:, None, None].to(tl.float32))
+    code = _encode_specials(x, q.to(tl.int32), top[:, None, None])
+    code = tl.where(offs < numel, code, 0)
+    packed = tl.sum(code << (lane * BITS)[None, None, :], axis=2)
+    in_range = group < num_groups
+    tl.store(codes_ptr + group[:, None] * (GROUP // PER) + byte[None, :], packed.to(tl.uint8), mask=in_range[:, None])
+    tl.store(scales_ptr + group * 2, base, mask=in_range)
+    tl.store(scales_ptr + group * 2 + 1, step, mask=in_range)
+    tl.store(flags_ptr + group, flagged.to(tl.uint8), mask=in_range)
+
+
+@triton.jit
+def _group_unpack_kernel(
+    codes_ptr, scales_ptr, flags_ptr, out_ptr, numel, num_groups,
+    BITS: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
+):  # fmt: skip
+    PER: tl.constexpr = 8 // BITS
+    N: tl.constexpr = 1 << BITS
+    group = tl.program_id(0).to(tl.int64) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
+    in_range = group < num_groups
+    byte = tl.arange(0, GROUP // PER)
+    lane = tl.arange(0, PER)
+    packed = tl.load(codes_ptr + group[:, None] * (GROUP // PER) + byte[None, :], mask=in_range[:, None], other=0)
+    code = (packed.to(tl.int32)[:, :, None] >> (lane * BITS)[None, None, :]) & (N - 1)
+    base = tl.load(scales_ptr + group * 2, mask=in_range, other=0.0)
+    step = tl.load(scales_ptr + group * 2 + 1, mask=in_range, other=0.0)
+    top = _top_code(tl.load(flags_ptr + group, mask=in_range, other=0) != 0, N)
+    value = base[:, None, None] + code.to(tl.float32) * step[:, None, None]
+    value = _decode_specials(value, code, top[:, None, None])
+    offs = group[:, None, None] * GROUP + byte[None, :, None] * PER + lane[None, None, :]
+    tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=offs < numel)
+
+
+def _seed() -> int:
+    # From torch's CPU generator: follows torch.manual_seed and needs no device sync.
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def group_pack(flat: torch.Tensor, bits: int, group_size: int, stochastic: bool):
+    numel = flat.numel()
+    num_groups = -(-numel // group_size)
+    per_program = max(1, _GROUP_TILE // group_size)
+    codes = torch.empty(num_groups * group_size * bits // 8, dtype=torch.uint8, device=flat.device)
+    scales = torch.empty(num_groups, 2, dtype=torch.float32, device=flat.device)
+    flags = torch.empty(num_groups, dtype=torch.uint8, device=flat.device)
+    rcp_plain, rcp_flagged = _level_reciprocals(bits)
+    grid = (triton.cdiv(num_groups, per_program),)
+    _group_pack_kernel[grid](
+        flat, codes, scales, flags, numel, num_groups, _seed() if stochastic else 0,
+        BITS=bits, GROUP=group_size, GROUPS_PER_PROGRAM=per_program,
+        RCP_PLAIN=rcp_plain, RCP_FLAGGED=rcp_flagged, STOCHASTIC=stochastic,
+    )  # fmt: skip
+    return codes, scales, flags
+
+
+def group_unpack(codes, scales, flags, bits: int, group_size: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    num_groups = scales.shape[0]
+    per_program = max(1, _GROUP_TILE // group_size)
+    out = torch.empty(numel, dtype=dtype, device=codes.device)
+    grid = (triton.cdiv(num_groups, per_program),)
+    _group_unpack_kernel[grid](
+        codes, scales, flags, out, numel, num_groups,
+        BITS=bits, GROUP=group_size, GROUPS_PER_PROGRAM=per_program,
+    )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------- anchored layout
+
+
+@triton.jit
+def _anchored_pack_kernel(
+    x_ptr, codes_ptr, flags_ptr, mean_ptr, std_ptr, numel, channels, inner, seed,
+    BITS: tl.constexpr, BLOCK: tl.constexpr, TINY: tl.constexpr, STOCHASTIC: tl.constexpr,
+):  # fmt: skip
+    PER: tl.constexpr = 8 // BITS
+    N: tl.constexpr = 1 << BITS
+    block = tl.program_id(0).to(tl.int64)
+    byte = block * (BLOCK // PER) + tl.arange(0, BLOCK // PER)
+    lane = tl.arange(0, PER)
+    offs = byte[:, None] * PER + lane[None, :]
+    valid = offs < numel
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    channel = (offs // inner) % channels
+    step, inv, shift = _anchored_grid(tl.load(mean_ptr + channel), tl.load(std_ptr + channel), N, TINY)
+    finite = (x == x) & (tl.abs(x) < float("inf"))
+    flagged = tl.max(tl.max(tl.where(finite, 0, 1), axis=1), axis=0) > 0
+    top = _top_code(flagged, N)
+    xs = tl.where(finite, x, 0.0)
+    t = xs * inv
+    if STOCHASTIC:
+        r = tl.floor(t + (tl.rand(seed, offs.to(tl.int32)) - 0.5))
+    else:
+        r = tl.ceil(t) - 1.0
+    # Exact sign even where v * inv underflows or stochastic rounding would cross zero.
+    r = tl.where(xs > 0, tl.maximum(r, 0.0), tl.minimum(r, -1.0))
+    q = tl.minimum(tl.maximum(r + shift, 0.0), top.to(tl.float32))
+    code = _encode_specials(x, q.to(tl.int32), top)
+    code = tl.where(valid, code, 0)
+    packed = tl.sum(code << (lane * BITS)[None, :], axis=1)
+    tl.store(codes_ptr + byte, packed.to(tl.uint8), mask=byte * PER < numel)
+    tl.store(flags_ptr + block, flagged.to(tl.uint8))
+
+
+@triton.jit
+def _anchored_unpack_kernel(
+    codes_ptr, flags_ptr, mean_ptr, std_ptr, out_ptr, numel, channels, inner,
+    BITS: tl.constexpr, BLOCK: tl.constexpr, TINY: tl.constexpr,
+):  # fmt: skip
+    PER: tl.constexpr = 8 // BITS
+    N: tl.constexpr = 1 << BITS
+    block = tl.program_id(0).to(tl.int64)
+    byte = block * (BLOCK // PER) + tl.arange(0, BLOCK // PER)
+    lane = tl.arange(0, PER)
+    offs = byte[:, None] * PER + lane[None, :]
+    valid = offs < numel
+    packed = tl.load(codes_ptr + byte, mask=byte * PER < numel, other=0)
+    code = (packed.to(tl.int32)[:, None] >> (lane * BITS)[None, :]) & (N - 1)
+    channel = (offs // inner) % channels
+    step, inv, shift = _anchored_grid(tl.load(mean_ptr + channel), tl.load(std_ptr + channel), N, TINY)
+    top = _top_code(tl.load(flags_ptr + block) != 0, N)
+    value = ((code.to(tl.float32) - shift) + 0.5) * step
+    value = _decode_specials(value, code, top)
+    tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def anchored_pack(flat, bits: int, mean, std, channels: int, inner: int, stochastic: bool):
+    numel = flat.numel()
+    blocks = triton.cdiv(numel, FLAG_BLOCK)
+    codes = torch.empty(triton.cdiv(numel, 8 // bits), dtype=torch.uint8, device=flat.device)
+    flags = torch.empty(blocks, dtype=torch.uint8, device=flat.device)
+    _anchored_pack_kernel[(blocks,)](
+        flat, codes, flags, mean, std, numel, channels, inner, _seed() if stochastic else 0,
+        BITS=bits, BLOCK=FLAG_BLOCK, TINY=TINY_STEP, STOCHASTIC=stochastic,
+    )  # fmt: skip
+    return codes, flags
+
+
+def anchored_unpack(codes, flags, mean, std, bits: int, channels: int, inner: int, numel: int, dtype) -> torch.Tensor:
+    out = torch.empty(numel, dtype=dtype, device=codes.device)
+    _anchored_unpack_kernel[(flags.numel(),)](
+        codes, flags, mean, std, out, numel, channels, inner,
+        BITS=bits, BLOCK=FLAG_BLOCK, TINY=TINY_STEP,
+    )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------- 1-bit mask
+
+
+@triton.jit
+def _mask_pack_kernel(m_ptr, codes_ptr, numel, BLOCK: tl.constexpr):
+    byte = tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    lane = tl.arange(0, 8)
+    offs = byte[:, None] * 8 + lane[None, :]
+    bit = (tl.load(m_ptr + offs, mask=offs < numel, other=0) != 0).to(tl.int32)
+    tl.store(codes_ptr + byte, tl.sum(bit << lane[None, :], axis=1).to(tl.uint8), mask=byte * 8 < numel)
+
+
+@triton.jit
+def _mask_unpack_kernel(codes_ptr, m_ptr, numel, BLOCK: tl.constexpr):
+    byte = tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    lane = tl.arange(0, 8)
+    offs = byte[:, None] * 8 + lane[None, :]
+    packed = tl.load(codes_ptr + byte, mask=byte * 8 < numel, other=0).to(tl.int32)
+    tl.store(m_ptr + offs, ((packed[:, None] >> lane[None, :]) & 1).to(tl.uint8), mask=offs < numel)
+
+
+def mask_pack(flat: torch.Tensor) -> torch.Tensor:
+    numel = flat.numel()
+    codes = torch.empty(triton.cdiv(numel, 8), dtype=torch.uint8, device=flat.device)
+    _mask_pack_kernel[(triton.cdiv(numel, _MASK_TILE),)](flat.view(torch.uint8), codes, numel, BLOCK=_MASK_TILE)
+    return codes
+
+
+def mask_unpack(codes: torch.Tensor, numel: int) -> torch.Tensor:
+    out = torch.empty(numel, dtype=torch.bool, device=codes.device)
+    _mask_unpack_kernel[(triton.cdiv(numel, _MASK_TILE),)](codes, out.view(torch.uint8), numel, BLOCK=_MASK_TILE)
+    return out
