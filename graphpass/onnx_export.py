@@ -1,0 +1,591 @@
+"""Checked ONNX export of a (rewritten) model.
+
+Training-only rewrites vanish at export: quantize-on-save points are identities in forward and are
+removed; Proxy Norm folds into per-channel constants, since at inference PN-Act is
+``(act(weight * gn(x) + bias) - mu~) * inv_std~`` = ``act(...) * s + t`` with ``s = inv_std~`` and
+``t = -mu~ * inv_std~``. So the exported graph holds only standard ONNX ops:
+
+* opset >= 21: ``GroupNormalization`` (per-channel scale and bias, the version-21 semantics);
+* opset 17-20: its decomposition (Reshape, InstanceNormalization, Reshape, per-channel Mul/Add).
+  Opset 18's GroupNormalization is never emitted: its scale is per *group* and ONNX 1.18
+  deprecated it, so ``onnx.checker`` rejects it.
+
+Every file is checked before it is moved into place: ``onnx.checker`` (full check), no
+BatchNormalization after ``norm="gn+pn"``, no op outside the standard domain, the expected
+GroupNorm form, and onnxruntime against PyTorch's eval output at the example batch and at another
+batch (the batch axis is dynamic). The error reported is normwise:
+``max |ort - torch| / max |torch|`` per output, which is meaningful for logits near zero where an
+elementwise ratio is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import io
+import json
+import logging
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from graphpass.errors import ExportError, GraphpassError, InputError
+from graphpass.files import atomic_output
+from graphpass.ir import replace_submodule
+
+__all__ = [
+    "MIN_OPSET",
+    "ExportReport",
+    "LoweringStats",
+    "export_onnx",
+    "export_command",
+    "lower_for_inference",
+    "max_opset",
+    "InferenceNormAct",
+]
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 17
+GROUP_NORM_OPSET = 21  # first opset whose GroupNormalization has per-channel scale and bias
+DYNAMO_MIN_OPSET = 18  # below it the dynamo exporter silently writes opset 18 instead
+EXPORTERS = ("auto", "dynamo", "torchscript")
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering to an inference module
+# ---------------------------------------------------------------------------------------------
+
+
+def _act(name: str, negative_slope: float) -> Any:
+    table = {
+        "relu": F.relu,
+        "relu6": F.relu6,
+        "leaky_relu": functools.partial(F.leaky_relu, negative_slope=negative_slope),
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "hardswish": F.hardswish,
+        "mish": F.mish,
+        "identity": None,
+    }
+    if name not in table:
+        raise ExportError(f"activation {name!r} has no inference lowering; known: {', '.join(table)}")
+    return table[name]
+
+
+class InferenceNormAct(nn.Module):
+    """GroupNorm with a per-channel affine, an activation, then a per-channel scale and shift.
+
+    The inference form of ProxyNormAct (scale/shift = folded proxy statistics) and of
+    ScaledGroupNorm (no activation, no scale/shift). Exports to plain ONNX ops.
+    """
+
+    def __init__(
+        self,
+        norm: nn.GroupNorm,
+        activation: str = "identity",
+        negative_slope: float = 0.01,
+        post_scale: torch.Tensor | None = None,
+        post_shift: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm = norm
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self._fn = _act(activation, negative_slope)
+        self.register_buffer("post_scale", post_scale)
+        self.register_buffer("post_shift", post_shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        if self._fn is not None:
+            y = self._fn(y)
+        if self.post_scale is not None:
+            shape = (-1,) + (1,) * (y.dim() - 2)
+            y = y * self.post_scale.view(shape) + self.post_shift.view(shape)
+        return y
+
+
+def _group_norm(num_channels: int, groups: int, eps: float, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.GroupNorm:
+    gn = nn.GroupNorm(groups, num_channels, eps=eps, affine=True)
+    with torch.no_grad():
+        gn.weight.copy_(weight.detach().float())
+        gn.bias.copy_(torch.zeros(num_channels) if bias is None else bias.detach().float())
+    return gn
+
+
+def _lower_proxy_norm_act(m: nn.Module) -> InferenceNormAct:
+    with torch.no_grad():
+        mu, inv_std = (t.detach().float().cpu() for t in m.proxy_stats())
+    return InferenceNormAct(
+        _group_norm(m.num_channels, m.groups, m.eps, m.weight, m.bias),
+        m.activation,
+        float(getattr(m, "negative_slope", 0.01)),
+        post_scale=inv_std.clone(),
+        post_shift=(-mu * inv_std).clone(),
+    )
+
+
+def _lower_scaled_group_norm(m: nn.Module) -> InferenceNormAct:
+    return InferenceNormAct(_group_norm(m.num_channels, m.groups, m.eps, m.weight, None))
+
+
+def _norm_lowerings() -> dict[type, tuple[Any, str]]:
+    """Module type -> (its lowering, the LoweringStats counter it increments)."""
+    from graphpass.proxy_norm import ProxyNormAct, ScaledGroupNorm
+
+    return {
+        ProxyNormAct: (_lower_proxy_norm_act, "proxy_norms_folded"),
+        ScaledGroupNorm: (_lower_scaled_group_norm, "scaled_group_norms_lowered"),
+    }
+
+
+def _is_compression_node(node: torch.fx.Node) -> bool:
+    from graphpass.runtime import is_compression_node
+
+    return is_compression_node(node)
+
+
+@dataclass
+class LoweringStats:
+    """What the inference lowering changed."""
+
+    compression_points_removed: int = 0
+    proxy_norms_folded: int = 0
+    scaled_group_norms_lowered: int = 0
+    group_norms: int = 0  # GroupNorm layers in the lowered module (decides the expected ONNX form)
+
+
+def lower_for_inference(model: nn.Module) -> tuple[nn.Module, LoweringStats]:
+    """Return an eval-mode copy of ``model`` with only inference-exportable modules, and what changed."""
+    model = copy.deepcopy(model).eval()
+    stats = LoweringStats()
+    if isinstance(model, torch.fx.GraphModule):
+        for node in list(model.graph.nodes):
+            if _is_compression_node(node):
+                node.replace_all_uses_with(node.args[0])
+                model.graph.erase_node(node)
+                stats.compression_points_removed += 1
+        if stats.compression_points_removed:
+            # their state arguments (get_attr of the compression state) are now unused
+            model.graph.eliminate_dead_code()
+            model.delete_all_unused_submodules()
+            model.graph.lint()
+            model.recompile()
+    lowerings = _norm_lowerings()
+    for name, module in list(model.named_modules()):
+        if type(module) not in lowerings:
+            continue
+        if not name:
+            raise ExportError(f"the model itself is a {type(module).__name__}; wrap it in a container to export it")
+        lower, counter = lowerings[type(module)]
+        replace_submodule(model, name, lower(module).eval())
+        setattr(stats, counter, getattr(stats, counter) + 1)
+    stats.group_norms = sum(isinstance(m, nn.GroupNorm) for m in model.modules())
+    if isinstance(model, torch.fx.GraphModule):
+        stats.group_norms += sum(
+            n.op == "call_function" and n.target in (F.group_norm, torch.group_norm) for n in model.graph.nodes
+        )
+    return model, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Opsets and exporters
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def _resolve_exporter(exporter: str, opset: int = GROUP_NORM_OPSET) -> str:
+    if exporter not in EXPORTERS:
+        raise InputError(f"exporter must be one of {', '.join(EXPORTERS)}; got {exporter!r}")
+    if exporter == "auto":
+        # torch.onnx.export defaults to the dynamo exporter from 2.9; before that, and for opsets
+        # the dynamo exporter cannot write, the TorchScript exporter is the one that works.
+        return "dynamo" if _torch_version() >= (2, 9) and opset >= DYNAMO_MIN_OPSET else "torchscript"
+    return exporter
+
+
+def max_opset(exporter: str = "auto") -> int:
+    """Highest opset this torch's exporter and the installed onnx both support."""
+    import onnx
+    from torch.onnx import _constants
+
+    if _resolve_exporter(exporter, GROUP_NORM_OPSET) == "dynamo":
+        torch_max = getattr(_constants, "ONNX_MAX_OPSET", GROUP_NORM_OPSET)
+    else:
+        # TorchScript symbolics stop at 20; 21 only changes GroupNormalization, which we supply.
+        torch_max = GROUP_NORM_OPSET
+    return min(torch_max, onnx.defs.onnx_opset_version())
+
+
+def _check_opset(opset: Any, exporter: str) -> int:
+    top = max_opset(exporter)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise InputError(f"--opset {opset!r} is not supported: choose an opset from {MIN_OPSET} to {top}")
+    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
+        raise InputError(
+            f"the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or later, not {opset}; "
+            "use exporter='torchscript' (or 'auto', which picks it)"
+        )
+    return opset
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence exporter chatter (progress prints, deprecation warnings); it goes to the debug log."""
+    out = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(out):
+        warnings.simplefilter("ignore")
+        yield
+    if out.getvalue():
+        log.debug("exporter output:\n%s", out.getvalue())
+
+
+def _export_dynamo(module: nn.Module, inputs: tuple, path: Path, opset: int) -> None:
+    batch = torch.export.Dim("batch")
+    dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+    torch.onnx.export(module, inputs, str(path), dynamo=True, opset_version=opset, dynamic_shapes=dynamic)
+
+
+def _group_norm_21(g: Any, x: Any, num_groups: Any, weight: Any, bias: Any, eps: Any, cudnn_enabled: Any) -> Any:
+    """TorchScript symbolic: aten::group_norm -> GroupNormalization-21 (per-channel scale/bias)."""
+    from torch.onnx import symbolic_helper as sh
+
+    if sh._is_none(weight) or sh._is_none(bias):
+        # (C,) from the runtime shape: the static channel count is not always known here
+        channels = g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([1])), g.op("Constant", value_t=torch.tensor([2])))
+        if sh._is_none(weight):
+            weight = g.op("ConstantOfShape", channels, value_t=torch.tensor([1.0]))
+        if sh._is_none(bias):
+            bias = g.op("ConstantOfShape", channels, value_t=torch.tensor([0.0]))
+    return g.op(
+        "GroupNormalization",
+        x,
+        weight,
+        bias,
+        num_groups_i=sh._maybe_get_const(num_groups, "i"),
+        epsilon_f=sh._maybe_get_const(eps, "f"),
+    )
+
+
+def _export_torchscript(module: nn.Module, inputs: tuple, path: Path, opset: int) -> None:
+    names = [f"input{i}" for i in range(len(inputs))]
+    with torch.no_grad():
+        outputs = [f"output{i}" for i in range(len(_flatten(module(*inputs))))]
+    kwargs: dict[str, Any] = {}
+    if "dynamo" in _export_params():
+        kwargs["dynamo"] = False
+    registered = opset >= GROUP_NORM_OPSET
+    if registered:
+        torch.onnx.register_custom_op_symbolic("aten::group_norm", _group_norm_21, GROUP_NORM_OPSET)
+    try:
+        torch.onnx.export(
+            module,
+            inputs,
+            str(path),
+            opset_version=opset,
+            input_names=names,
+            output_names=outputs,
+            dynamic_axes={n: {0: "batch"} for n in names + outputs},
+            do_constant_folding=True,
+            **kwargs,
+        )
+    finally:
+        if registered:
+            torch.onnx.unregister_custom_op_symbolic("aten::group_norm", GROUP_NORM_OPSET)
+
+
+@functools.cache
+def _export_params() -> frozenset[str]:
+    import inspect
+
+    return frozenset(inspect.signature(torch.onnx.export).parameters)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _all_nodes(model: Any) -> Iterator[Any]:
+    """Every node of the model: main graph, subgraphs of control-flow ops and local functions."""
+    stack = [model.graph]
+    while stack:
+        graph = stack.pop()
+        for node in graph.node:
+            yield node
+            for attr in node.attribute:
+                if attr.g.node:
+                    stack.append(attr.g)
+                stack.extend(attr.graphs)
+    for fn in model.functions:
+        yield from fn.node
+
+
+def _structure_problems(model: Any, opset: int, stats: LoweringStats, *, no_batchnorm: bool) -> list[str]:
+    problems = []
+    written = [o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS]
+    if written != [opset]:
+        problems.append(f"the exporter wrote opset {written} instead of {opset}")
+    nodes = list(_all_nodes(model))
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in STANDARD_DOMAINS})
+    if foreign:
+        problems.append(f"ops outside the standard ONNX domain: {', '.join(foreign)}")
+    foreign_imports = sorted(o.domain for o in model.opset_import if o.domain not in STANDARD_DOMAINS)
+    if foreign_imports:
+        problems.append(f"custom opset domains imported: {', '.join(foreign_imports)}")
+    ops = Counter(n.op_type for n in nodes)
+    if no_batchnorm and ops["BatchNormalization"]:
+        problems.append(f"{ops['BatchNormalization']} BatchNormalization node(s) remain after norm='gn+pn'")
+    if ops["GroupNormalization"] and opset < GROUP_NORM_OPSET:
+        problems.append(f"GroupNormalization emitted at opset {opset}; its pre-21 form is per-group and deprecated")
+    if stats.group_norms and opset >= GROUP_NORM_OPSET and not ops["GroupNormalization"]:
+        problems.append(f"{stats.group_norms} GroupNorm layer(s) were decomposed instead of GroupNormalization-{opset}")
+    return problems
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _flatten(v)]
+    raise ExportError(f"model output of type {type(out).__name__} cannot be compared with onnxruntime")
+
+
+def _real_inputs(inputs: Sequence[Any], batch: int) -> tuple:
+    """Real CPU tensors shaped like ``inputs`` with the given batch (inputs may be meta/fake)."""
+    out = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor):
+            out.append(x)
+            continue
+        shape = (batch, *x.shape[1:]) if x.dim() else ()
+        if x.dtype.is_floating_point:
+            out.append(torch.randn(shape, dtype=x.dtype))
+        else:
+            out.append(torch.zeros(shape, dtype=x.dtype))
+    return tuple(out)
+
+
+def _compare(session: Any, reference: nn.Module, inputs: tuple) -> tuple[float, float]:
+    with torch.no_grad():
+        expected = _flatten(reference(*inputs))
+    feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), [x for x in inputs if isinstance(x, torch.Tensor)])}
+    got = session.run(None, feed)
+    if len(got) != len(expected):
+        raise ExportError(f"onnxruntime returned {len(got)} outputs, PyTorch {len(expected)}")
+    max_abs = max_rel = 0.0
+    for g, e in zip(got, expected):
+        e = e.detach().float()
+        g = torch.from_numpy(g).float()
+        if g.shape != e.shape:
+            raise ExportError(f"onnxruntime output shape {tuple(g.shape)} differs from PyTorch's {tuple(e.shape)}")
+        err = (g - e).abs().max().item() if e.numel() else 0.0
+        scale = e.abs().max().item() if e.numel() else 0.0
+        max_abs = max(max_abs, err)
+        max_rel = max(max_rel, err / scale if scale > 0 else err)
+    return max_abs, max_rel
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportReport:
+    """What was written and how it was checked."""
+
+    path: str
+    opset: int
+    exporter: str
+    file_bytes: int
+    max_abs_error: float
+    max_rel_error: float
+    checked_batches: tuple[int, ...]
+    group_norm_form: str  # "GroupNormalization", "decomposed" or "none"
+    lowering: LoweringStats
+    op_counts: dict[str, int] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (
+            f"wrote {self.path} ({self.file_bytes / 2**20:.1f} MiB, opset {self.opset}, {self.exporter} exporter): "
+            f"{sum(self.op_counts.values())} nodes, GroupNorm {self.group_norm_form}, "
+            f"{self.lowering.compression_points_removed} compression points removed, "
+            f"{self.lowering.proxy_norms_folded} Proxy Norms folded; onnxruntime vs PyTorch at batch "
+            f"{'/'.join(map(str, self.checked_batches))}: max abs {self.max_abs_error:.2e}, "
+            f"max rel {self.max_rel_error:.2e}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _metadata(model: nn.Module, stats: LoweringStats, plan: Any) -> dict[str, str]:
+    import graphpass
+
+    meta = {"graphpass.version": graphpass.__version__}
+    gm_meta = getattr(model, "meta", {}) if isinstance(model, torch.fx.GraphModule) else {}
+    meta["graphpass.passes"] = json.dumps(gm_meta.get("graphpass.passes", []), default=str)
+    config = gm_meta.get("graphpass.config")
+    if config is not None:
+        meta["graphpass.config"] = json.dumps(dataclasses.asdict(config), default=str)
+    meta["graphpass.lowering"] = json.dumps(dataclasses.asdict(stats))
+    if plan is not None:
+        meta["graphpass.memory_plan"] = json.dumps(_plan_figures(plan))
+    return meta
+
+
+def _plan_figures(plan: Any) -> dict[str, Any]:
+    keys = ("model", "lower_bound_bytes", "planned_bytes", "predicted_peak_bytes", "saved_bytes",
+            "parameter_bytes", "algorithm", "bits", "norm", "measured_peak_bytes")
+    figures = {k: getattr(plan, k, None) for k in keys}
+    if getattr(plan, "baseline", None) is not None:
+        figures["baseline"] = {k: getattr(plan.baseline, k, None) for k in keys}
+    return figures
+
+
+def _wants_no_batchnorm(model: nn.Module, stats: LoweringStats) -> bool:
+    config = getattr(model, "meta", {}).get("graphpass.config") if isinstance(model, torch.fx.GraphModule) else None
+    return getattr(config, "norm", None) == "gn+pn" or stats.proxy_norms_folded > 0
+
+
+def export_onnx(
+    gm_or_model: nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    path: str | Path,
+    *,
+    opset: int = GROUP_NORM_OPSET,
+    plan: Any = None,
+    rtol: float = 1e-4,
+    exporter: str = "auto",
+) -> ExportReport:
+    """Export ``gm_or_model`` for inference to one self-contained ONNX file, checked.
+
+    Args:
+        gm_or_model: a GraphModule from ``gp.transform`` or any traceable nn.Module (traced first).
+        example_inputs: inputs (real or meta tensors); only their shapes and dtypes are used.
+        path: the ``.onnx`` file to write; its folder must exist. Written only if every check passes.
+        opset: ONNX opset, 17 up to :func:`max_opset`.
+        plan: optional MemoryPlan whose figures go into the model's metadata.
+        rtol: largest allowed normwise relative error of onnxruntime against PyTorch.
+        exporter: "auto" (dynamo on torch >= 2.9, else TorchScript), "dynamo" or "torchscript".
+
+    Raises:
+        InputError: bad opset, missing folder, wrong suffix.
+        TraceError: a plain model that torch.fx cannot trace.
+        ExportError: the exporter fails or a check fails; no file is left behind.
+    """
+    opset = _check_opset(opset, exporter)
+    exporter = _resolve_exporter(exporter, opset)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    if not tensors or any(x.dim() == 0 for x in tensors):
+        raise InputError("example_inputs must hold at least one tensor, each with a leading batch axis")
+    import onnx
+    import onnxruntime
+
+    with atomic_output(path, suffixes=(".onnx",)) as tmp:
+        model = gm_or_model
+        if not isinstance(model, torch.fx.GraphModule):
+            from graphpass.tracing import trace
+
+            # the norm modules stay calls, so the lowering can swap them for their inference form
+            model = trace(copy.deepcopy(model), leaf_modules=tuple(_norm_lowerings()))
+        lowered, stats = lower_for_inference(model)
+        reference = copy.deepcopy(model).eval()
+        batch = max(2, int(tensors[0].shape[0]))  # batch 1 would be specialised by torch.export
+        export_inputs = _real_inputs(inputs, batch)
+        with tempfile.TemporaryDirectory(prefix="graphpass-onnx-") as scratch:
+            raw = Path(scratch) / "model.onnx"
+            try:
+                with _quiet(), torch.no_grad():
+                    (_export_dynamo if exporter == "dynamo" else _export_torchscript)(lowered, export_inputs, raw, opset)
+            except GraphpassError:
+                raise
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise ExportError(
+                    f"{exporter} ONNX export of {type(gm_or_model).__name__} at opset {opset} failed: "
+                    f"{type(e).__name__}: {first}"
+                ) from e
+            proto = onnx.load(str(raw))  # pulls any external-data side files into one proto
+        problems = _structure_problems(proto, opset, stats, no_batchnorm=_wants_no_batchnorm(model, stats))
+        if problems:
+            raise ExportError(f"exported model of {type(gm_or_model).__name__} is not clean: " + "; ".join(problems))
+        metadata = _metadata(model, stats, plan)
+        onnx.helper.set_model_props(proto, metadata)
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except Exception as e:
+            raise ExportError(f"onnx.checker rejects the exported model (opset {opset}): {e}") from e
+        session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        max_abs = max_rel = 0.0
+        checked = (batch, batch + 1)
+        for b in checked:
+            a, r = _compare(session, reference, _real_inputs(inputs, b))
+            max_abs, max_rel = max(max_abs, a), max(max_rel, r)
+        if not max_rel <= rtol:
+            raise ExportError(
+                f"onnxruntime output differs from PyTorch's eval output: max relative error {max_rel:.3e} "
+                f"(max abs {max_abs:.3e}) exceeds {rtol:.0e}"
+            )
+        metadata["graphpass.verification"] = json.dumps(
+            {"max_abs_error": max_abs, "max_rel_error": max_rel, "batches": list(checked), "onnxruntime": onnxruntime.__version__}
+        )
+        onnx.helper.set_model_props(proto, metadata)
+        onnx.save(proto, str(tmp))
+        ops = Counter(n.op_type for n in _all_nodes(proto))
+        report = ExportReport(
+            path=str(path),
+            opset=opset,
+            exporter=exporter,
+            file_bytes=tmp.stat().st_size,
+            max_abs_error=max_abs,
+            max_rel_error=max_rel,
+            checked_batches=checked,
+            group_norm_form="GroupNormalization" if ops["GroupNormalization"] else ("decomposed" if stats.group_norms else "none"),
+            lowering=stats,
+            op_counts=dict(sorted(ops.items())),
+            metadata=metadata,
+        )
+    log.info("%s", report.summary())
+    return report
+
+
+def export_command(args: Any) -> int:
+    """``graphpass export MODEL -o F.onnx``: transform, export, check; prints the report."""
+    import graphpass as gp
+    from graphpass.tracing import example_inputs, load_model
+
+    _check_opset(args.opset, "auto")
+    if not Path(args.output).parent.is_dir():
+        raise InputError(f"output {args.output!r}: folder {str(Path(args.output).parent)!r} does not exist; create it first")
+    model = load_model(args.model)
+    inputs = example_inputs(args.batch, args.image)
+    print(f"graphpass export: transforming {args.model} (norm={args.norm}, bits={args.bits})", file=sys.stderr)
+    gm = gp.transform(model, inputs, bits=args.bits, norm=args.norm, groups=args.groups)
+    print(f"graphpass export: exporting at opset {args.opset} and checking", file=sys.stderr)
+    report = export_onnx(gm, inputs, args.output, opset=args.opset)
+    print(report.summary())
+    return 0
