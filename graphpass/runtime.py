@@ -1,0 +1,537 @@
+"""Runtime of compressed saved activations: autograd keeps K-bit copies, the forward stays exact.
+
+``passes.insert_quantize_on_save`` puts four kinds of compression point into a forward graph. All
+are ``call_function`` nodes that return their first argument unchanged (see :data:`COMPRESSION_OPS`):
+
+- :func:`compress_saved` (after the first input) opens a *session* for one forward pass: it pushes
+  ``saved_tensors_hooks`` so that every tensor autograd saves from here on goes through
+  :meth:`_Session.pack`. Nothing happens in ``eval()`` or under ``torch.no_grad()``.
+- :func:`layer_input` (before a norm) and :func:`quantize_layer` (after it, before the activation)
+  bracket one Conv -> Norm -> Act layer (BLPA, papers.md section 1). ``quantize_layer`` keeps ONE
+  K-bit copy of the layer: the pre-activation ``y`` on the zero-anchored grid of
+  :func:`graphpass.quantize.pack_anchored` with mean ``beta`` and std ``|gamma|`` (the batch
+  statistics of ``y`` that the norm itself imposes, so no reduction), or, with no activation, the
+  norm input ``x`` with the norm's own batch mean and std. Every tensor of the layer that autograd
+  saves (norm input, pre-activation, activation output, the next op's input) is handed a reference
+  to that copy and rebuilt from it in backward with exact per-channel floats, so PyTorch's own
+  backward formulas run unchanged. The ReLU sign is exact because 0 is a bin boundary.
+- :func:`compress_saved_end` (on the output) closes the session.
+
+Everything else autograd saves (generic mode) is packed per tensor: floats in groups with their
+own scales (:func:`graphpass.quantize.pack_groups`), the result a ReLU saves for itself and bool
+tensors in one bit per element, integer tensors, parameters (and their autocast copies),
+statistics and tiny tensors as they are. A tensor saved by several ops is stored once.
+
+Tensor identity: a bare ``data_ptr`` is reused by the caching allocator, so saved tensors are
+matched by Python object (one per TensorImpl) through a weak reference, plus the version counter
+(an in-place op such as ``relu_`` makes the same object a different value). Activation outputs are
+recognised when first saved by their autograd node, whose first input is the norm's node.
+
+Every pack reports what it stores through :func:`graphpass.save_recorder.record_pack`, and all of
+it runs on fake and meta tensors, so saved-tensor discovery sees the compressed sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from graphpass.quantize import DEFAULT_GROUP_SIZE, Packed, pack_anchored, pack_groups, pack_mask, unpack
+from graphpass.save_recorder import record_pack
+
+__all__ = [
+    "COMPRESSION_OPS",
+    "ACTIVATIONS",
+    "NORMS",
+    "STATE_NAME",
+    "CompressionState",
+    "QuantFormat",
+    "compress_saved",
+    "compress_saved_end",
+    "layer_input",
+    "quantize_layer",
+    "is_compression_node",
+    "quantization_disabled",
+]
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "graphpass_compression"  # attribute of the GraphModule holding its CompressionState
+ACTIVATIONS = ("relu", "relu6", "leaky_relu", "silu", "gelu", "hardswish", "none")
+NORMS = ("batch_norm", "group_norm")
+MIN_PACKED_NUMEL = 4096  # smaller saved tensors are not worth a kernel launch
+MAX_STATISTIC_NUMEL = 1 << 16  # saved tensors without autograd history up to this size (norm
+# statistics, per-token means) stay exact: backward formulas divide by them
+_TINY_GAMMA = 1e-12
+
+# Autograd nodes that save their own output, first, where the backward only needs ``result > 0``.
+_MASK_SAVERS = frozenset({"ReluBackward0", "LeakyReluBackward1"})
+# Autograd node of each activation's output (in-place forms included).
+_ACTIVATION_NODES = {
+    "relu": frozenset({"ReluBackward0"}),
+    "relu6": frozenset({"HardtanhBackward0", "HardtanhBackward1"}),
+    "leaky_relu": frozenset({"LeakyReluBackward0", "LeakyReluBackward1"}),
+    "silu": frozenset({"SiluBackward0"}),
+    "gelu": frozenset({"GeluBackward0"}),
+    "hardswish": frozenset({"HardswishBackward0"}),
+    "none": frozenset(),
+}
+# In-place activations that need their input save a clone of the pre-activation first.
+_CLONE_NODE = "CloneBackward0"
+
+_QUANTIZE: contextvars.ContextVar[bool] = contextvars.ContextVar("graphpass_quantize", default=True)
+
+
+@contextlib.contextmanager
+def quantization_disabled() -> Iterator[None]:
+    """Sessions opened inside keep exact copies but take every other step of the compressed path.
+
+    With it, gradients must equal plain autograd: it tests the reconstruction formulas.
+    """
+    token = _QUANTIZE.set(False)
+    try:
+        yield
+    finally:
+        _QUANTIZE.reset(token)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """``node.meta["graphpass.quant"]`` of a compression point."""
+
+    point: str  # "begin" | "layer_input" | "layer" | "end"
+    bits: int
+    layout: str  # what is stored: "group" (generic, begin), "anchored" (layer); "" for markers
+    rounding: str = "nearest"
+    layer: int | None = None
+    norm: str = ""  # "batch_norm" | "group_norm" (layer points)
+    activation: str = ""  # one of ACTIVATIONS (layer points)
+    stored: str = ""  # layer: "pre_activation" (y) or "norm_input" (x, when no activation follows)
+
+
+class CompressionState(nn.Module):
+    """Holds one forward pass's session; its ``training`` flag (set by ``.train()``/``.eval()`` on the
+    GraphModule) decides whether compression runs. No parameters, nothing in the state dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session: _Session | None = None
+
+    def __deepcopy__(self, memo: dict) -> "CompressionState":
+        copy = CompressionState()
+        copy.train(self.training)
+        return copy
+
+
+# ----------------------------------------------------------------------------- the graph ops
+
+
+def compress_saved(x: Any, state: CompressionState, *, bits: int, rounding: str = "nearest") -> Any:
+    """From here to :func:`compress_saved_end`, autograd keeps ``bits``-bit copies of what it saves."""
+    if state.session is not None:  # the previous forward raised before reaching its end point
+        state.session.close()
+        state.session = None
+    if state.training and torch.is_grad_enabled():
+        state.session = _Session(bits if _QUANTIZE.get() else None, rounding == "stochastic")
+    return x
+
+
+def compress_saved_end(out: Any, state: CompressionState) -> Any:
+    if state.session is not None:
+        state.session.close()
+        state.session = None
+    return out
+
+
+def layer_input(x: torch.Tensor, state: CompressionState, *, layer: int) -> torch.Tensor:
+    """Mark ``x`` as the input of layer ``layer``'s norm: what the norm saves of it shares the layer copy."""
+    session = state.session
+    if session is not None and isinstance(x, torch.Tensor):
+        session.open_layer(layer, x)
+    return x
+
+
+def quantize_layer(
+    y: torch.Tensor,
+    state: CompressionState,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    layer: int,
+    bits: int,
+    norm: str,
+    activation: str,
+    negative_slope: float = 0.01,
+    approximate: str = "none",
+) -> torch.Tensor:
+    """Keep one ``bits``-bit copy of layer ``layer`` (norm output ``y``, before its activation)."""
+    session = state.session
+    if session is not None:
+        session.quantize_layer(
+            layer, y, weight, bias, bits=bits, norm=norm,
+            activation=_Activation(activation, negative_slope, approximate),
+        )  # fmt: skip
+    return y
+
+
+COMPRESSION_OPS: frozenset[Callable[..., Any]] = frozenset({compress_saved, compress_saved_end, layer_input, quantize_layer})
+
+
+def is_compression_node(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is a compression point (forward value: its first argument)."""
+    return node.op == "call_function" and node.target in COMPRESSION_OPS
+
+
+# ----------------------------------------------------------------------------- handles
+# What autograd stores instead of a tensor; ``_unpack`` rebuilds the tensor in backward.
+
+
+class _Quantized:
+    __slots__ = ("packed",)
+
+    def __init__(self, packed: Packed) -> None:
+        self.packed = packed
+
+    @property
+    def format(self) -> str:
+        return f"q{self.packed.bits}-group"
+
+    def unpack(self) -> torch.Tensor:
+        return unpack(self.packed)
+
+
+class _Mask:
+    """``result > 0`` of a ReLU's own saved output: 1 bit, rebuilt as 0/1 in the original dtype."""
+
+    __slots__ = ("packed", "dtype")
+
+    def __init__(self, packed: Packed, dtype: torch.dtype) -> None:
+        self.packed, self.dtype = packed, dtype
+
+    format = "mask1"
+
+    def unpack(self) -> torch.Tensor:
+        return unpack(self.packed).to(self.dtype)
+
+
+class _LayerRef:
+    """One role of a layer's tensors: "input" (norm input), "output" (pre-activation), "activation"."""
+
+    __slots__ = ("layer", "role", "dtype")
+
+    def __init__(self, layer: "_Layer", role: str, dtype: torch.dtype) -> None:
+        self.layer, self.role, self.dtype = layer, role, dtype
+
+    @property
+    def format(self) -> str:
+        return self.layer.format
+
+    def unpack(self) -> torch.Tensor:
+        return self.layer.rebuild(self.role, self.dtype)
+
+
+def _unpack(handle: Any) -> torch.Tensor:
+    if isinstance(handle, torch.Tensor):
+        return handle
+    with torch.no_grad():
+        return handle.unpack()
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+@dataclass(frozen=True)
+class _Activation:
+    name: str
+    negative_slope: float = 0.01
+    approximate: str = "none"
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        if self.name == "relu":
+            return torch.relu(v)
+        if self.name == "relu6":
+            return F.hardtanh(v, 0.0, 6.0)
+        if self.name == "leaky_relu":
+            return F.leaky_relu(v, self.negative_slope)
+        if self.name == "silu":
+            return F.silu(v)
+        if self.name == "gelu":
+            return F.gelu(v, approximate=self.approximate)
+        if self.name == "hardswish":
+            return F.hardswish(v)
+        return v
+
+
+class _Layer:
+    """One Conv -> Norm -> Act layer: its single stored copy and the per-channel floats to rebuild
+    every role from it as ``stored * scale + shift`` (then the activation)."""
+
+    def __init__(self, index: int, x: torch.Tensor) -> None:
+        self.index = index
+        self.format = "full"  # as reported to the save recorder: "q4-layer", or "full" before/without packing
+        self.input: torch.Tensor | None = x  # held only between layer_input and quantize_layer
+        self.activation = _Activation("none")
+        self.stored_role = ""  # "output" (pre-activation) or "input"
+        self.stored: Packed | torch.Tensor | None = None  # a tensor when quantization is disabled
+        self.other_role = ""  # the role rebuilt by the affine map from the stored one
+        self.scale: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None
+        self.fallback: dict[str, Any] = {}  # role -> generic handle, when layer mode did not apply
+        self.cache: tuple[str, torch.Tensor] | None = None  # the last rebuilt non-input role
+
+    def rebuild(self, role: str, dtype: torch.dtype) -> torch.Tensor:
+        if role in self.fallback:
+            return _unpack(self.fallback[role])
+        if self.cache is not None and self.cache[0] == role and self.cache[1].dtype == dtype:
+            return self.cache[1]
+        stored = self.stored if isinstance(self.stored, torch.Tensor) else unpack(self.stored)
+        v = stored.float()
+        if role == "activation":
+            v = self.activation(v)
+        elif role == self.other_role:
+            v = torch.addcmul(self.shift, v, self.scale)
+        out = v.to(dtype)
+        # The activation output is often unpacked twice in a row (the next conv, then the ReLU).
+        self.cache = (role, out) if role != "input" else None
+        return out
+
+
+def _affine_params(weight: torch.Tensor | None, bias: torch.Tensor | None, channels: int, like: torch.Tensor):
+    gamma = weight.detach().float() if weight is not None else torch.ones(channels, device=like.device)
+    beta = bias.detach().float() if bias is not None else torch.zeros(channels, device=like.device)
+    return gamma, beta
+
+
+def _norm_statistics(y: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The norm's own batch (mean, 1/std) from its autograd node, or None where layer mode cannot
+    apply (no history, eval-mode BatchNorm, an unknown kernel)."""
+    node = y.grad_fn
+    if node is None or y.dim() < 2:
+        return None
+    try:
+        mean, rstd = node._saved_result1, node._saved_result2
+    except (AttributeError, RuntimeError):
+        return None
+    if not getattr(node, "_saved_training", True):
+        return None
+    channels = y.shape[1]
+    if norm == "batch_norm":
+        ok = mean.shape == (channels,) and rstd.shape == (channels,)
+    else:
+        ok = mean.dim() == 2 and mean.shape[0] == y.shape[0] and mean.shape[1] > 0 and channels % mean.shape[1] == 0
+    return (mean.float(), rstd.float()) if ok and rstd.shape == mean.shape else None
+
+
+def _per_sample_channel(stat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """GroupNorm (N, G) statistics -> (N, C, 1, ...) broadcastable over ``y``."""
+    per_channel = stat.repeat_interleave(y.shape[1] // stat.shape[1], dim=1)
+    return per_channel.reshape(per_channel.shape + (1,) * (y.dim() - 2))
+
+
+def _channel(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return t.reshape((1, -1) + (1,) * (y.dim() - 2))
+
+
+# ----------------------------------------------------------------------------- the session
+
+
+class _Entry:
+    """A saved (tensor object, version) seen before, and what it was stored as."""
+
+    __slots__ = ("ref", "version", "values", "mask")
+
+    def __init__(self, t: torch.Tensor, values: Any = None, mask: Any = None) -> None:
+        self.ref = weakref.ref(t)
+        self.version = t._version
+        self.values, self.mask = values, mask
+
+
+class _Session:
+    """State of one forward pass: which tensors are layer roles, and one handle per saved tensor."""
+
+    def __init__(self, bits: int | None, stochastic: bool) -> None:
+        self.bits, self.stochastic = bits, stochastic
+        self.entries: dict[int, _Entry] = {}
+        self.layers: dict[int, _Layer] = {}
+        self.awaiting: dict[Any, _Layer] = {}  # norm's autograd node -> layer whose activation follows
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
+        self.hooks.__enter__()
+
+    def close(self) -> None:
+        for layer in self.layers.values():
+            if layer.input is not None:  # quantize_layer never ran for it
+                self._fall_back(layer)
+        self.hooks.__exit__(None, None, None)
+        self.entries.clear()
+        self.layers.clear()
+        self.awaiting.clear()
+
+    # -- layer mode
+
+    def open_layer(self, index: int, x: torch.Tensor) -> None:
+        layer = _Layer(index, x)
+        layer.format = f"q{self.bits}-layer" if self.bits else "exact-layer"
+        self.layers[index] = layer
+        self._register(x, _LayerRef(layer, "input", x.dtype))
+
+    def quantize_layer(
+        self, index: int, y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+        *, bits: int, norm: str, activation: _Activation,
+    ) -> None:  # fmt: skip
+        layer = self.layers.get(index)
+        if layer is None or layer.input is None:
+            return
+        x, layer.input = layer.input, None
+        stats = _norm_statistics(y, norm) if x.shape == y.shape else None
+        if stats is None:
+            log.debug("layer %d: norm statistics unavailable; its tensors are stored per tensor", index)
+            self._fall_back(layer, x)
+            return
+        with torch.no_grad():
+            self._fill_layer(layer, x, y, weight, bias, stats, bits=bits, norm=norm, activation=activation)
+        self._register(y, _LayerRef(layer, "output", y.dtype))
+        if activation.name != "none":
+            self.awaiting[y.grad_fn] = layer
+
+    def _fill_layer(self, layer, x, y, weight, bias, stats, *, bits, norm, activation) -> None:
+        mean, rstd = stats
+        gamma, beta = _affine_params(weight, bias, y.shape[1], y)
+        layer.activation = activation
+        if norm == "batch_norm":
+            mean_b, rstd_b = _channel(mean, y), _channel(rstd, y)
+        else:
+            mean_b, rstd_b = _per_sample_channel(mean, y), _per_sample_channel(rstd, y)
+        gamma_b, beta_b = _channel(gamma, y), _channel(beta, y)
+        if activation.name != "none":
+            # Store y on a grid anchored at 0 (exact activation sign); x = (y - beta) / gamma / rstd + mean.
+            inv_gamma = torch.where(gamma.abs() > _TINY_GAMMA, 1.0 / gamma, torch.zeros_like(gamma))
+            layer.stored_role, layer.other_role = "output", "input"
+            layer.scale = _channel(inv_gamma, y) / rstd_b
+            layer.shift = mean_b - beta_b * layer.scale
+            target, grid_mean, grid_std = y, beta, gamma.abs()
+        else:
+            # Store x (a zero-initialised gamma cannot lose it); y = (x - mean) * rstd * gamma + beta.
+            layer.stored_role, layer.other_role = "input", "output"
+            layer.scale = gamma_b * rstd_b
+            layer.shift = beta_b - mean_b * layer.scale
+            target = x
+            if norm == "batch_norm":
+                grid_mean, grid_std = mean, 1.0 / rstd
+            else:  # per-channel window from the per-(sample, group) statistics
+                grid_mean = _per_sample_channel(mean, y).flatten(1).mean(0)
+                grid_std = (1.0 / _per_sample_channel(rstd, y).flatten(1) ** 2).mean(0).sqrt()
+        if self.bits is None:
+            layer.stored = target.detach().clone()
+            layer.format = "exact-layer"
+            nbytes = _nbytes(layer.stored)
+        else:
+            layer.stored = pack_anchored(target, bits, mean=grid_mean, std=grid_std, stochastic=self.stochastic)
+            layer.format = f"q{bits}-layer"
+            nbytes = layer.stored.nbytes
+        record_pack(target, nbytes, layer.format)
+
+    def _fall_back(self, layer: _Layer, x: torch.Tensor | None = None) -> None:
+        """Layer mode did not apply: the handles already given out for its input get a generic copy."""
+        x = layer.input if x is None else x
+        layer.input = None
+        if x is not None:
+            handle = self._generic(x)
+            layer.fallback["input"] = handle
+            layer.format = handle.format if not isinstance(handle, torch.Tensor) else "full"
+
+    # -- the pack hook
+
+    def pack(self, t: torch.Tensor) -> Any:
+        with torch.no_grad():
+            return self._pack(t)
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        entry = self.entries.get(id(t))
+        if entry is not None and (entry.ref() is not t or entry.version != t._version):
+            entry = None
+        if entry is not None and entry.values is not None:
+            values = entry.values
+            record_pack(t, _nbytes(t), "full") if isinstance(values, torch.Tensor) else record_pack(t, 0, values.format)
+            return values
+        if _keep_as_is(t):
+            record_pack(t, _nbytes(t), "full")
+            return t
+        node = t.grad_fn
+        if entry is None and node is not None and self.awaiting:
+            ref = self._layer_role(t, node)
+            if ref is not None:
+                self._register(t, ref)
+                record_pack(t, 0, ref.format)
+                return ref
+        if self.bits is not None and entry is None:
+            if t.dtype == torch.bool:
+                return self._mask(t, t)
+            if node is not None and type(node).__name__ in _MASK_SAVERS:
+                return self._mask(t, ~(t <= 0))
+        handle = self._generic(t)
+        if entry is not None:
+            entry.values = handle
+        else:
+            self.entries[id(t)] = _Entry(t, values=handle)
+        return handle
+
+    def _mask(self, t: torch.Tensor, mask: torch.Tensor) -> _Mask:
+        handle = _Mask(pack_mask(mask), t.dtype)
+        self.entries[id(t)] = _Entry(t, mask=handle)
+        record_pack(t, handle.packed.nbytes, handle.format)
+        return handle
+
+    def _layer_role(self, t: torch.Tensor, node: Any) -> _LayerRef | None:
+        """The role of ``t`` if its autograd node's first input is an awaiting layer's norm."""
+        parents = node.next_functions
+        layer = self.awaiting.get(parents[0][0]) if parents else None
+        if layer is None or layer.stored is None:
+            return None
+        name = type(node).__name__
+        if name == _CLONE_NODE:
+            return _LayerRef(layer, "output", t.dtype)
+        if name in _ACTIVATION_NODES[layer.activation.name]:
+            return _LayerRef(layer, "activation", t.dtype)
+        return None
+
+    def _generic(self, t: torch.Tensor) -> Any:
+        if self.bits is None or not t.is_floating_point():
+            record_pack(t, _nbytes(t), "full")
+            return t
+        handle = _Quantized(pack_groups(t, self.bits, group_size=DEFAULT_GROUP_SIZE, stochastic=self.stochastic))
+        record_pack(t, handle.packed.nbytes, handle.format)
+        return handle
+
+    def _register(self, t: torch.Tensor, ref: _LayerRef) -> None:
+        self.entries[id(t)] = _Entry(t, values=ref)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _keep_as_is(t: torch.Tensor) -> bool:
+    """Parameters and their autocast copies, integers, statistics and tiny tensors stay exact."""
+    numel = t.numel()
+    if numel < MIN_PACKED_NUMEL or isinstance(t, nn.Parameter):
+        return True
+    if t.dtype == torch.bool:
+        return False
+    if not t.is_floating_point():
+        return True
+    node = t.grad_fn
+    if node is None:
+        return numel <= MAX_STATISTIC_NUMEL and not t.requires_grad
+    # One op away from a parameter: a transposed weight (linear), autocast's cast of it.
+    parents = node.next_functions
+    return len(parents) == 1 and type(parents[0][0]).__name__ == "AccumulateGrad"

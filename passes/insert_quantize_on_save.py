@@ -1,0 +1,216 @@
+"""Rewrite: explicit quantize-on-save points, so autograd keeps K-bit copies (BLPA, papers.md 1).
+
+Before / after (``bits=4``)::
+
+    conv1 = self.conv1(x)                     x = compress_saved(x, graphpass_compression, bits=4, rounding='nearest')
+    bn1 = self.bn1(conv1)                     conv1 = self.conv1(x)
+    relu = self.relu(bn1)                     layer_input = layer_input(conv1, graphpass_compression, layer=0)
+    ...                                       bn1 = self.bn1(layer_input)
+    return fc                                 quantize_layer = quantize_layer(bn1, graphpass_compression, bn1_weight,
+                                                  bn1_bias, layer=0, bits=4, norm='batch_norm', activation='relu')
+                                              relu = self.relu(quantize_layer)
+                                              ...
+                                              return compress_saved_end(fc, graphpass_compression)
+
+Every point returns its first argument, so the forward pass computes exactly what it computed
+before; what changes is what autograd keeps (graphpass/runtime.py): one anchored K-bit copy per
+Conv -> Norm -> Act layer, and per-group K-bit copies, 1-bit masks or exact copies of everything
+else autograd saves between ``compress_saved`` and ``compress_saved_end``.
+
+Layers: a norm node (BatchNorm1d/2d/3d or SyncBatchNorm module, GroupNorm module, ScaledGroupNorm,
+``F.batch_norm``, ``F.group_norm``) and, when the norm's output feeds only it, one activation:
+ReLU, ReLU6, LeakyReLU, SiLU, GELU or Hardswish as a module, a functional, a Tensor method or an
+in-place form. Any other user means activation "none". A norm that turns out not to be in
+training mode at run time (a frozen BatchNorm) is compressed per tensor instead.
+
+Requires: nothing. Writes: ``graphpass.quant`` (a :class:`graphpass.runtime.QuantFormat`) on
+every new node. Invalidates: ``graphpass.saved``. A graph that already has compression points is
+left alone (``modified=False``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from graphpass import runtime
+from graphpass.errors import InputError
+from graphpass.ir import copy_meta, module_of
+from graphpass.meta import META_FROM_PASS, META_QUANT, META_SAVED, set_meta
+from graphpass.pass_base import PassKind, PassResult, graph_pass
+from graphpass.proxy_norm import ScaledGroupNorm
+from graphpass.quantize import SUPPORTED_BITS
+
+__all__ = ["insert_quantize_on_save"]
+
+log = logging.getLogger(__name__)
+
+PASS_NAME = "insert_quantize_on_save"
+ROUNDINGS = ("nearest", "stochastic")
+
+_MODULE_ACTIVATIONS: dict[type, str] = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.LeakyReLU: "leaky_relu",
+    nn.SiLU: "silu",
+    nn.GELU: "gelu",
+    nn.Hardswish: "hardswish",
+}
+_FUNCTION_ACTIVATIONS = {
+    torch.relu: "relu",
+    torch.relu_: "relu",
+    F.relu: "relu",
+    F.relu_: "relu",
+    F.relu6: "relu6",
+    F.leaky_relu: "leaky_relu",
+    F.leaky_relu_: "leaky_relu",
+    F.silu: "silu",
+    F.gelu: "gelu",
+    F.hardswish: "hardswish",
+}
+_METHOD_ACTIVATIONS = {"relu": "relu", "relu_": "relu"}
+
+
+def _arg(node: torch.fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _norm_of(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """(norm kind, input node, weight, bias) where weight/bias are nodes, "module" or None; else None."""
+    module = module_of(gm, node)
+    if module is not None:
+        if isinstance(module, _BatchNorm):
+            kind = "batch_norm"
+        elif isinstance(module, (nn.GroupNorm, ScaledGroupNorm)):
+            kind = "group_norm"
+        else:
+            return None
+        return kind, _arg(node, 0, "input"), "module", "module"
+    if node.op == "call_function" and node.target is F.batch_norm:
+        return "batch_norm", _arg(node, 0, "input"), _arg(node, 3, "weight"), _arg(node, 4, "bias")
+    if node.op == "call_function" and node.target is F.group_norm:
+        return "group_norm", _arg(node, 0, "input"), _arg(node, 2, "weight"), _arg(node, 3, "bias")
+    return None
+
+
+def _activation_of(gm: torch.fx.GraphModule, norm: torch.fx.Node) -> dict:
+    """Keyword arguments describing the activation that alone consumes ``norm``'s output."""
+    none = {"activation": "none"}
+    if len(norm.users) != 1:
+        return none
+    (user,) = norm.users
+    if _arg(user, 0, "input") is not norm:
+        return none
+    module = module_of(gm, user)
+    if module is not None:
+        kind = _MODULE_ACTIVATIONS.get(type(module))
+        slope = getattr(module, "negative_slope", 0.01)
+        approximate = getattr(module, "approximate", "none")
+    elif user.op == "call_function" and user.target in _FUNCTION_ACTIVATIONS:
+        kind = _FUNCTION_ACTIVATIONS[user.target]
+        slope = _arg(user, 1, "negative_slope", 0.01) if kind == "leaky_relu" else 0.01
+        approximate = user.kwargs.get("approximate", "none") if kind == "gelu" else "none"
+    elif user.op == "call_method" and user.target in _METHOD_ACTIVATIONS:
+        kind, slope, approximate = _METHOD_ACTIVATIONS[str(user.target)], 0.01, "none"
+    else:
+        return none
+    if kind is None or not isinstance(slope, (int, float)) or not isinstance(approximate, str):
+        return none
+    described = {"activation": kind}
+    if kind == "leaky_relu":
+        described["negative_slope"] = float(slope)
+    if kind == "gelu" and approximate != "none":
+        described["approximate"] = approximate
+    return described
+
+
+def _param_node(gm: torch.fx.GraphModule, norm: torch.fx.Node, value, name: str) -> torch.fx.Node | None:
+    """A get_attr node for the norm module's ``name`` parameter (None if it has none)."""
+    if value != "module":
+        return value if isinstance(value, torch.fx.Node) else None
+    if getattr(gm.get_submodule(str(norm.target)), name, None) is None:
+        return None
+    with gm.graph.inserting_before(norm):
+        node = gm.graph.get_attr(f"{norm.target}.{name}")
+    copy_meta(norm, node, from_pass=PASS_NAME)
+    return node
+
+
+def _add_point(graph: torch.fx.Graph, source: torch.fx.Node, target, args: tuple, kwargs: dict, fmt, name: str) -> torch.fx.Node:
+    node = graph.create_node("call_function", target, args, kwargs, name=name)
+    copy_meta(source, node, from_pass=PASS_NAME)
+    for key in ("val", "tensor_meta"):
+        if key in source.meta:
+            node.meta[key] = source.meta[key]
+    set_meta(node, META_QUANT, fmt)
+    return node
+
+
+@graph_pass(kind=PassKind.REWRITE, invalidates=(META_SAVED,), name=PASS_NAME)
+def insert_quantize_on_save(gm: torch.fx.GraphModule, *, bits: int, rounding: str = "nearest") -> PassResult:
+    """Insert quantize-on-save points so training keeps ``bits``-bit copies for backward.
+
+    Args:
+        gm: a traced GraphModule (modified in place).
+        bits: 8, 4 or 2.
+        rounding: "nearest" (deterministic) or "stochastic" (unbiased) rounding of the copies.
+    """
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise InputError(f"insert_quantize_on_save: bits must be one of 8, 4 or 2; got {bits!r}")
+    if rounding not in ROUNDINGS:
+        raise InputError(f"insert_quantize_on_save: rounding must be 'nearest' or 'stochastic'; got {rounding!r}")
+    graph = gm.graph
+    if any(runtime.is_compression_node(n) for n in graph.nodes):
+        return PassResult(gm, False, {})
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    if not placeholders:
+        return PassResult(gm, False, {})
+    if hasattr(gm, runtime.STATE_NAME):
+        raise InputError(f"{type(gm).__name__} already has an attribute {runtime.STATE_NAME!r}; rename it")
+
+    norms = [(n, spec) for n in graph.nodes if (spec := _norm_of(gm, n)) is not None and isinstance(spec[1], torch.fx.Node)]
+    gm.add_module(runtime.STATE_NAME, runtime.CompressionState())
+    first = placeholders[0]
+    with graph.inserting_after(placeholders[-1]):
+        state = graph.get_attr(runtime.STATE_NAME)
+    state.meta[META_FROM_PASS] = PASS_NAME
+    with graph.inserting_after(state):
+        fmt = runtime.QuantFormat("begin", bits, "group", rounding)
+        begin = _add_point(graph, first, runtime.compress_saved, (first, state), {"bits": bits, "rounding": rounding}, fmt, "compress_saved")
+    first.replace_all_uses_with(begin, delete_user_cb=lambda user: user is not begin)
+
+    activations: dict[str, int] = {}
+    for index, (norm, (kind, source, weight, bias)) in enumerate(norms):
+        act = _activation_of(gm, norm)
+        weight_node = _param_node(gm, norm, weight, "weight")
+        bias_node = _param_node(gm, norm, bias, "bias")
+        with graph.inserting_before(norm):
+            fmt = runtime.QuantFormat("layer_input", bits, "", rounding, index, kind, act["activation"])
+            mark = _add_point(graph, source, runtime.layer_input, (source, state), {"layer": index}, fmt, "layer_input")
+        norm.replace_input_with(source, mark)
+        with graph.inserting_after(norm):
+            stored = "norm_input" if act["activation"] == "none" else "pre_activation"
+            fmt = runtime.QuantFormat("layer", bits, "anchored", rounding, index, kind, act["activation"], stored)
+            kwargs = {"layer": index, "bits": bits, "norm": kind, **act}
+            point = _add_point(graph, norm, runtime.quantize_layer, (norm, state, weight_node, bias_node), kwargs, fmt, "quantize_layer")
+        norm.replace_all_uses_with(point, delete_user_cb=lambda user: user is not point)
+        activations[act["activation"]] = activations.get(act["activation"], 0) + 1
+
+    (result,) = output.args
+    with graph.inserting_before(output):
+        fmt = runtime.QuantFormat("end", bits, "", rounding)
+        end = graph.create_node("call_function", runtime.compress_saved_end, (result, state), name="compress_saved_end")
+        end.meta[META_FROM_PASS] = PASS_NAME
+        set_meta(end, META_QUANT, fmt)
+    output.args = (end,)
+    stats = {"layers": len(norms), **{f"layers_{k}": v for k, v in sorted(activations.items())}}
+    log.info("insert_quantize_on_save: %d layers (%s), %d-bit, %s rounding", len(norms), activations, bits, rounding)
+    return PassResult(gm, True, stats)
