@@ -27,12 +27,14 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from graphpass.errors import GraphpassError, InputError
 from graphpass.meta import META_MODULE, META_SAVED, set_meta
 from graphpass.save_recorder import recording
 from graphpass.tracing import fake_inputs
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["SavedTensor", "StorageInfo", "NodeRecord", "SavedTensors", "discover_saved_tensors", "meta_copy"]
 
@@ -227,9 +229,11 @@ def discover_saved_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[An
     returns the full record. The GraphModule's parameters, buffers and mode are left as they were.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(example_inputs) != len(placeholders):
+    required = [n for n in placeholders if not n.args]  # placeholders with a default are optional
+    if not len(required) <= len(example_inputs) <= len(placeholders):
         raise InputError(
-            f"{type(gm).__name__} takes {len(placeholders)} input(s) but {len(example_inputs)} example input(s) were given"
+            f"{type(gm).__name__} takes {len(required)} to {len(placeholders)} input(s) "
+            f"({', '.join(n.name for n in placeholders)}) but {len(example_inputs)} example input(s) were given"
         )
     interp: _Discovery
 
@@ -261,7 +265,8 @@ def discover_saved_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[An
         for x in example_inputs
     ]
     try:
-        out = run(meta_gm, meta_inputs)
+        with _FusedAttentionOnMeta():
+            out = run(meta_gm, meta_inputs)
     except _NodeFailure as e:
         if on_meta:
             raise
@@ -304,6 +309,61 @@ def discover_saved_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[An
         nodes[n.name] = record
         set_meta(n, META_SAVED, saved)
     return SavedTensors(nodes, interp.storages, graph_outputs, interp.parameters)
+
+
+class _FusedAttentionOnMeta(TorchFunctionMode):
+    """Make attention on meta tensors save what the fused kernels of real devices save.
+
+    On meta tensors ``scaled_dot_product_attention`` picks the math backend, which keeps the full
+    attention matrix for backward; on CPU and CUDA the fused (flash) kernels keep only q, k, v,
+    the output and the log-sum-exp. Meta calls that the fused kernels would take go to the CPU
+    flash kernel, whose meta function and backward record exactly those tensors. Graph nodes
+    calling attention reach this mode; calls inside Python functions that dispatch to torch
+    functions themselves (``multi_head_attention_forward``) see the patched module attribute.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            return _attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __enter__(self) -> _FusedAttentionOnMeta:
+        F.scaled_dot_product_attention = _attention
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        F.scaled_dot_product_attention = _SDPA
+        super().__exit__(*exc)
+
+
+_SDPA = F.scaled_dot_product_attention
+
+
+def _attention(*args: Any, **kwargs: Any) -> torch.Tensor:
+    fused = _fused_attention(*args, **kwargs)
+    return fused if fused is not None else _SDPA(*args, **kwargs)
+
+
+def _fused_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor | None:
+    # The fused CPU kernel takes no dropout and needs equal head counts; those calls stay on math.
+    if not query.is_meta or dropout_p != 0.0 or enable_gqa or not query.is_floating_point():
+        return None
+    if query.dim() != 4 or key.shape[1] != query.shape[1]:
+        return None
+    out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+    )
+    return out
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:
