@@ -114,6 +114,7 @@ class _Discovery(torch.fx.Interpreter):
         self.compressed_of: dict[tuple[int, str], int] = {}  # (original storage, fmt) -> compressed id
         self.values: dict[str, Any] = {}  # node name -> value (kept: identities must stay unique)
         self.parameters: dict[str, int] = {}  # parameter/buffer name -> storage id
+        self.packed: list[tuple[str, torch.Tensor, str, int]] = []  # (node, tensor, fmt, stored bytes)
 
     def storage_id(self, t: torch.Tensor, kind: str, owner: str, requires_grad: bool = False) -> int:
         key = t.untyped_storage()._cdata
@@ -142,47 +143,50 @@ class _Discovery(torch.fx.Interpreter):
         finally:
             self.current = None
         self.values[n.name] = out
-        kind = "input" if n.op == "placeholder" else "activation"
-        for t in _tensors(out):
-            self.storage_id(t, kind, n.name)
-            self.tensor_owner.setdefault(id(t), n.name)
-            self.keep.append(t)
         return out
 
-    def record(self, t: torch.Tensor, fmt: str = "full", stored_nbytes: int | None = None) -> None:
-        node = self.current
-        if node is None:  # packed outside any node (e.g. a loss): not part of the graph
-            return
-        self.keep.append(t)
-        known = self.ids.get(t.untyped_storage()._cdata)
-        if known is None:
-            # Not a parameter, input or earlier output: the operator made it for its backward.
-            sid = self.storage_id(t, "internal", node.name)
-            kind, source = "internal", node.name
-        else:
-            info = self.storages[known]
-            sid = known
-            if info.kind in ("parameter", "buffer", "input", "internal"):
+    def record(self, t: torch.Tensor, fmt: str = "full", stored_nbytes: int = 0) -> None:
+        """Note that the running node's backward keeps ``t`` (classified after the run)."""
+        if self.current is not None:  # packed outside any node (e.g. a loss): not part of the graph
+            self.packed.append((self.current.name, t, fmt, stored_nbytes))
+
+    def classify(self) -> None:
+        """Name every storage and saved tensor once all outputs are known.
+
+        A storage belongs to the first node (in graph order) that returns it, so in-place results
+        and views alias their source; a packed storage that no node returns is internal to the
+        node that saved it.
+        """
+        for n in self.graph.nodes:
+            if n.name not in self.values:
+                continue
+            kind = "input" if n.op == "placeholder" else "activation"
+            for t in _tensors(self.values[n.name]):
+                self.storage_id(t, kind, n.name)
+                self.tensor_owner.setdefault(id(t), n.name)
+        for node, t, fmt, stored_nbytes in self.packed:
+            sid = self.storage_id(t, "internal", node)
+            info = self.storages[sid]
+            if info.kind != "activation":
                 kind, source = info.kind, info.owner
+            elif id(t) in self.tensor_owner:
+                kind, source = "output", self.tensor_owner[id(t)]
             else:
-                owner = self.tensor_owner.get(id(t))
-                kind, source = ("output", owner) if owner is not None else ("view", info.owner)
-        shape, dtype = tuple(t.shape), t.dtype
-        if fmt != "full":
-            assert stored_nbytes is not None
-            key = (sid, fmt)
-            if key not in self.compressed_of:
-                if stored_nbytes == 0:
-                    return  # shares a copy reported elsewhere
-                cid = len(self.storages)
-                self.storages[cid] = StorageInfo(cid, stored_nbytes, "compressed", node.name)
-                self.compressed_of[key] = cid
-            cid = self.compressed_of[key]
-            entry = SavedTensor("compressed", source, shape, dtype, self.storages[cid].nbytes, cid, fmt)
-            self.saved.setdefault(node.name, {})[(cid, fmt)] = entry
-            return
-        entry = SavedTensor(kind, source, shape, dtype, self.storages[sid].nbytes, sid)
-        self.saved.setdefault(node.name, {})[(sid, "full")] = entry
+                kind, source = "view", info.owner
+            shape, dtype = tuple(t.shape), t.dtype
+            if fmt != "full":
+                key = (sid, fmt)
+                if key not in self.compressed_of:
+                    if stored_nbytes == 0:
+                        continue  # shares a copy reported elsewhere
+                    cid = len(self.storages)
+                    self.storages[cid] = StorageInfo(cid, stored_nbytes, "compressed", node)
+                    self.compressed_of[key] = cid
+                cid = self.compressed_of[key]
+                entry = SavedTensor("compressed", source, shape, dtype, self.storages[cid].nbytes, cid, fmt)
+            else:
+                entry = SavedTensor(kind, source, shape, dtype, info.nbytes, sid)
+            self.saved.setdefault(node, {})[(entry.storage, fmt)] = entry
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -242,10 +246,7 @@ def discover_saved_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[An
         return t
 
     def on_pack(original: torch.Tensor, stored_nbytes: int, fmt: str) -> None:
-        if fmt == "full":
-            interp.record(original)
-        else:
-            interp.record(original, fmt, stored_nbytes)
+        interp.record(original, fmt, stored_nbytes)
 
     def run(module: torch.fx.GraphModule, inputs: list[Any]) -> Any:
         nonlocal interp
@@ -261,7 +262,9 @@ def discover_saved_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[An
     modes = {m: m.training for m in (*gm.modules(), *meta_gm.modules())}
     meta_gm.train()
     meta_inputs = [
-        torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else x
+        torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta").requires_grad_(x.requires_grad)
+        if isinstance(x, torch.Tensor)
+        else x
         for x in example_inputs
     ]
     try:
@@ -278,6 +281,7 @@ def discover_saved_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[An
     finally:
         for m, training in modes.items():
             m.training = training
+    interp.classify()
     graph_outputs = tuple(dict.fromkeys(interp.storage_id(t, "activation", "output") for t in _tensors(out)))
 
     node_params = _node_parameters(gm, {id(p): name for name, p in gm.named_parameters()})
