@@ -15,8 +15,10 @@ Codes of ``8 // bits`` consecutive elements share a byte, the first in the low b
 
 Non-finite values are stored in band, so no code path needs a data-dependent shape or a host sync:
 a group (``group``) or block of ``FLAG_BLOCK`` elements (``anchored``) that holds NaN or +-Inf is
-flagged, its top three codes then stand for NaN, +Inf and -Inf, and its finite values use the
-remaining ``2**bits - 3`` codes (a single level at 2 bits). Scales are computed over finite values.
+flagged, three of its codes then stand for NaN, +Inf and -Inf, and its finite values use the other
+``2**bits - 3`` (a single level at 2 bits). Group layout: the top three codes; scales are computed
+over finite values. Anchored layout: codes 0 (-Inf), n-2 (NaN), n-1 (+Inf), with the shift moved
+into [2, n-3] so that from 4 bits finite values keep their exact sign there too.
 
 CUDA tensors go through the fused Triton kernels in :mod:`graphpass.triton_kernels` (one pass each
 way); CPU, meta and fake tensors through the PyTorch code here, which computes the same codes
@@ -54,6 +56,7 @@ SUPPORTED_BITS = (2, 4, 8)
 DEFAULT_GROUP_SIZE = 256
 FLAG_BLOCK = 1024  # anchored layout: elements per NaN/Inf flag (one Triton program each)
 TINY_STEP = 2.0**-100  # smallest grid step; keeps 1/step finite for constant channels
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 _BACKENDS = (None, "torch", "triton")
 
 
@@ -68,15 +71,14 @@ class Packed:
     codes: torch.Tensor  # uint8, 1-D, 8 // bits codes per byte
     perm: tuple[int, ...]  # memory order: original.permute(perm) was contiguous
     scales: torch.Tensor | None = None  # group: (groups, 2) float32 rows [base, step]
-    mean: torch.Tensor | None = None  # anchored: (C,) float32
-    std: torch.Tensor | None = None  # anchored: (C,) float32
+    grid: torch.Tensor | None = None  # anchored: (C, 3) float32 rows [step, 1/step, shift] (anchored_grid)
     flags: torch.Tensor | None = None  # uint8 per group / FLAG_BLOCK: 1 where NaN/Inf are coded
     group_size: int = 0  # group: elements per group; anchored: FLAG_BLOCK
     channel_dim: int = 1  # anchored: channel dimension of the original shape
 
     @property
     def nbytes(self) -> int:
-        parts = (self.codes, self.scales, self.mean, self.std, self.flags)
+        parts = (self.codes, self.scales, self.grid, self.flags)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     @property
@@ -136,8 +138,8 @@ def pack_anchored(
     """Quantize ``v`` on BLPA's zero-anchored per-channel grid.
 
     ``mean``/``std`` are the per-channel mean and standard deviation of ``v`` (C elements each,
-    any shape); they set the window ``mean_c +- 3 std_c`` and are kept (as float32 copies) to
-    rebuild the grid. Sign is exact: codes at or above the channel's shift are exactly ``v > 0``.
+    any shape); they set the window ``mean_c +- 3 std_c``. The per-channel grid derived from them is
+    stored (12 bytes per channel). Sign is exact: codes at or above the channel's shift are exactly ``v > 0``.
     """
     _check_bits(bits)
     _check_float(v, "pack_anchored")
@@ -151,19 +153,19 @@ def pack_anchored(
         if not isinstance(t, torch.Tensor) or t.numel() != channels:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise InputError(f"pack_anchored: {name} must be a tensor of {channels} elements (channel_dim={channel_dim}), got {got}")
-        # A copy: the caller may update its statistics in place after packing.
-        stats.append(t.detach().reshape(-1).to(device=v.device, dtype=torch.float32, copy=True))
-    mean32, std32 = stats
+        stats.append(t.detach().reshape(-1).to(device=v.device, dtype=torch.float32))
     flat, perm = _flatten(v)
     inner = math.prod(v.shape[d] for d in perm[perm.index(channel_dim) + 1 :])
     kernels = _kernels_for(v, backend)
     if kernels is not None and flat.numel() > 0:
-        codes, flags = kernels.anchored_pack(flat, bits, mean32, std32, channels, inner, stochastic)
+        grid = kernels.anchored_table(*stats, bits)
+        codes, flags = kernels.anchored_pack(flat, bits, grid, channels, inner, stochastic)
     else:
-        codes, flags = _anchored_pack_torch(flat, bits, mean32, std32, channels, inner, stochastic)
+        grid = torch.stack(anchored_grid(*stats, bits), 1)
+        codes, flags = _anchored_pack_torch(flat, bits, grid, channels, inner, stochastic)
     return Packed(
         "anchored", bits, v.shape, v.dtype, codes, perm,
-        mean=mean32, std=std32, flags=flags, group_size=FLAG_BLOCK, channel_dim=channel_dim,
+        grid=grid, flags=flags, group_size=FLAG_BLOCK, channel_dim=channel_dim,
     )  # fmt: skip
 
 
@@ -197,7 +199,7 @@ def unpack(p: Packed, *, backend: str | None = None) -> torch.Tensor:
         channels = p.shape[p.channel_dim]
         inner = math.prod(p.shape[d] for d in p.perm[p.perm.index(p.channel_dim) + 1 :])
         if kernels is not None and numel > 0:
-            flat = kernels.anchored_unpack(p.codes, p.flags, p.mean, p.std, p.bits, channels, inner, numel, p.dtype)
+            flat = kernels.anchored_unpack(p.codes, p.flags, p.grid, p.bits, channels, inner, numel, p.dtype)
         else:
             flat = _anchored_unpack_torch(p, numel, channels, inner)
     elif p.layout == "mask":
@@ -231,12 +233,12 @@ def _kernels() -> ModuleType | None:
     return _KERNELS[0]
 
 
-def _is_fake(t: torch.Tensor) -> bool:
-    try:
-        from torch._subclasses.fake_tensor import is_fake
-    except ImportError:
+try:
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+except ImportError:  # very old torch: no fake tensors to tell apart
+
+    def _is_fake(t: torch.Tensor) -> bool:
         return False
-    return is_fake(t)
 
 
 def _kernels_for(t: torch.Tensor, backend: str | None) -> ModuleType | None:
@@ -312,7 +314,7 @@ def _unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 
 
 def _special_codes(x: torch.Tensor, code: torch.Tensor, top: torch.Tensor | int) -> torch.Tensor:
-    """Codes top+1, top+2, top+3 mean NaN, +Inf, -Inf (only in flagged groups/blocks)."""
+    """Group layout: codes top+1, top+2, top+3 mean NaN, +Inf, -Inf (only in flagged groups)."""
     code = torch.where(x != x, top + 1, code)
     code = torch.where(x == math.inf, top + 2, code)
     return torch.where(x == -math.inf, top + 3, code)
@@ -324,15 +326,16 @@ def _decode_specials(value: torch.Tensor, code: torch.Tensor, top: torch.Tensor 
 
 
 def _top_code(flagged: torch.Tensor, bits: int) -> torch.Tensor:
-    """Highest code for finite values: 2**bits - 1, or 2**bits - 4 where NaN/Inf take the top three."""
+    """Group layout: highest code for finite values, 2**bits - 1, or 2**bits - 4 where NaN/Inf take the
+    top three."""
     n = 1 << bits
     return torch.where(flagged, n - 4, n - 1)
 
 
 def _per_element(per_block: torch.Tensor, numel: int) -> torch.Tensor:
-    """Spread one value per FLAG_BLOCK over the elements (int16 keeps the CPU temporary small)."""
+    """Spread one value per FLAG_BLOCK over the elements."""
     blocks = per_block.numel()
-    return per_block.to(torch.int16)[:, None].expand(blocks, FLAG_BLOCK).reshape(-1)[:numel]
+    return per_block[:, None].expand(blocks, FLAG_BLOCK).reshape(-1)[:numel]
 
 
 def _level_reciprocals(bits: int) -> tuple[float, float]:
@@ -342,11 +345,11 @@ def _level_reciprocals(bits: int) -> tuple[float, float]:
 
 
 def anchored_grid(mean: torch.Tensor, std: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-channel (step, 1/step, shift) of the zero-anchored grid, all float32.
+    """Per-channel (step, 1/step, shift) of the zero-anchored grid, all float32 (what Packed.grid holds).
 
     A zero or non-finite std (constant channel) falls back to a step that still represents the
     mean; shift is clamped to [1, 2**bits - 1] so both signs have a bin.
-    The Triton kernels compute the same float32 expression per element."""
+    The Triton table kernel computes the same float32 expressions."""
     n = 1 << bits
     step = std * (6.0 / n)
     alt = mean.abs() * (2.0 / n)
@@ -379,7 +382,9 @@ def _group_pack_torch(flat: torch.Tensor, bits: int, group_size: int, num_groups
     top = _top_code(flagged, bits)
     rcp_plain, rcp_flagged = _level_reciprocals(bits)
     rcp = torch.where(flagged, rcp_flagged, rcp_plain)
-    step = hi * rcp - lo * rcp
+    # (hi - lo) * rcp rather than hi * rcp - lo * rcp: a GPU compiler cannot fuse it into an FMA, so
+    # CUDA and CPU codes agree bit for bit. A range beyond float32 is capped instead of becoming inf.
+    step = torch.clamp_max(hi - lo, _FLOAT32_MAX) * rcp
     base = torch.where(top > 0, lo, lo * 0.5 + hi * 0.5)
     inv = torch.where(step > 0, 1.0 / torch.where(step > 0, step, 1.0), 0.0)
     inv = torch.where(inv < math.inf, inv, 0.0)
@@ -403,16 +408,26 @@ def _group_unpack_torch(p: Packed, numel: int) -> torch.Tensor:
     return value.view(-1)[:numel].to(p.dtype)
 
 
-def _anchored_pack_torch(flat, bits, mean, std, channels, inner, stochastic):
+def _anchored_flagged_grid(flagged: torch.Tensor, shift: torch.Tensor, bits: int):
+    """Shift and finite code range per element. Flagged blocks keep codes 0, n-2, n-1 for -Inf, NaN,
+    +Inf and move the shift into [2, n-3], so finite values still get a bin of each sign (from 4 bits;
+    at 2 bits one code is left and finite values come back as -step/2)."""
+    n = 1 << bits
+    shift = torch.where(flagged, shift.clamp(max=n - 3).clamp_(min=2), shift)
+    return shift, flagged.to(torch.float32), torch.where(flagged, n - 3.0, n - 1.0)
+
+
+def _anchored_pack_torch(flat, bits, grid, channels, inner, stochastic):
     numel = flat.numel()
     if numel == 0:
         return flat.new_zeros(0, dtype=torch.uint8), flat.new_zeros(0, dtype=torch.uint8)
+    n = 1 << bits
     x = flat.to(torch.float32).view(-1, channels, inner)
-    step, inv, shift = (t.view(1, channels, 1) for t in anchored_grid(mean, std, bits))
+    inv, shift = grid[:, 1].view(1, channels, 1), grid[:, 2].view(1, channels, 1)
     finite = torch.isfinite(x)
     blocks = -(-numel // FLAG_BLOCK)
     flagged = ~_pad(finite.view(-1), FLAG_BLOCK, value=True).view(blocks, FLAG_BLOCK).all(1)
-    top = _per_element(_top_code(flagged, bits), numel).view_as(x)
+    shift, lowest, highest = _anchored_flagged_grid(_per_element(flagged, numel).view_as(x), shift, bits)
     xs = torch.where(finite, x, 0.0)
     t = xs * inv
     if stochastic:
@@ -421,17 +436,21 @@ def _anchored_pack_torch(flat, bits, mean, std, channels, inner, stochastic):
         r = torch.ceil(t) - 1.0
     # Exact sign even where v * inv underflows or stochastic rounding would cross zero.
     r = torch.where(xs > 0, r.clamp_min(0.0), r.clamp_max(-1.0))
-    q = torch.minimum((r + shift).clamp_min_(0.0), top.to(torch.float32))
-    code = _special_codes(x, q.to(torch.int32), top).view(-1)
-    codes = _pack_bits(_pad(code.to(torch.uint8), 8 // bits), bits)
+    code = torch.minimum(torch.maximum(r + shift, lowest), highest).to(torch.int32)
+    code = torch.where(x != x, n - 2, torch.where(x == math.inf, n - 1, torch.where(x == -math.inf, 0, code)))
+    codes = _pack_bits(_pad(code.view(-1).to(torch.uint8), 8 // bits), bits)
     return codes, flagged.to(torch.uint8)
 
 
 def _anchored_unpack_torch(p: Packed, numel: int, channels: int, inner: int) -> torch.Tensor:
     if numel == 0:
         return p.codes.new_zeros(0, dtype=p.dtype)
-    step, _, shift = (t.view(1, channels, 1) for t in anchored_grid(p.mean, p.std, p.bits))
+    n = 1 << p.bits
+    step, shift = p.grid[:, 0].view(1, channels, 1), p.grid[:, 2].view(1, channels, 1)
     code = _unpack_bits(p.codes, p.bits, numel).view(-1, channels, inner).to(torch.int32)
-    top = _per_element(_top_code(p.flags.bool(), p.bits), numel).view_as(code)
+    flagged = _per_element(p.flags.bool(), numel).view_as(code)
+    shift, _, _ = _anchored_flagged_grid(flagged, shift, p.bits)
     value = ((code.to(torch.float32) - shift) + 0.5) * step
-    return _decode_specials(value, code, top).view(-1).to(p.dtype)
+    special = torch.where(code == 0, -math.inf, torch.where(code == n - 1, math.inf, math.nan))
+    value = torch.where(flagged & ((code == 0) | (code >= n - 2)), special, value)
+    return value.view(-1).to(p.dtype)

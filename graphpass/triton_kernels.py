@@ -13,12 +13,22 @@ import torch
 import triton
 import triton.language as tl
 
-from graphpass.quantize import FLAG_BLOCK, TINY_STEP, _level_reciprocals
+from graphpass.quantize import _FLOAT32_MAX, FLAG_BLOCK, TINY_STEP, _level_reciprocals
 
-__all__ = ["group_pack", "group_unpack", "anchored_pack", "anchored_unpack", "mask_pack", "mask_unpack"]
+__all__ = [
+    "group_pack",
+    "group_unpack",
+    "anchored_table",
+    "anchored_pack",
+    "anchored_unpack",
+    "mask_pack",
+    "mask_unpack",
+]
 
 _GROUP_TILE = 2048  # elements per program in the group kernels (whole groups)
 _MASK_TILE = 8192  # elements per program in the mask kernels
+_NUM_WARPS = 4
+FLOAT32_MAX = tl.constexpr(_FLOAT32_MAX)
 
 
 @triton.jit
@@ -61,11 +71,14 @@ def _anchored_grid(mean, std, N: tl.constexpr, TINY: tl.constexpr):
 def _group_pack_kernel(
     x_ptr, codes_ptr, scales_ptr, flags_ptr, numel, num_groups, seed,
     BITS: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
-    RCP_PLAIN: tl.constexpr, RCP_FLAGGED: tl.constexpr, STOCHASTIC: tl.constexpr,
+    RCP_PLAIN: tl.constexpr, RCP_FLAGGED: tl.constexpr, STOCHASTIC: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     PER: tl.constexpr = 8 // BITS
     N: tl.constexpr = 1 << BITS
-    group = tl.program_id(0).to(tl.int64) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
+    group = tl.program_id(0)
+    if WIDE:
+        group = group.to(tl.int64)
+    group = group * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
     byte = tl.arange(0, GROUP // PER)
     lane = tl.arange(0, PER)
     offs = group[:, None, None] * GROUP + byte[None, :, None] * PER + lane[None, None, :]
@@ -80,7 +93,8 @@ def _group_pack_kernel(
     hi = tl.where(none_finite, 0.0, hi)
     top = _top_code(flagged, N)
     rcp = tl.where(flagged, RCP_FLAGGED, RCP_PLAIN)
-    step = hi * rcp - lo * rcp
+    # Same expression as the PyTorch path; written so that no FMA contraction can change it.
+    step = tl.minimum(hi - lo, FLOAT32_MAX) * rcp
     base = tl.where(top > 0, lo, lo * 0.5 + hi * 0.5)
     inv = tl.where(step > 0, tl.math.div_rn(tl.full(step.shape, 1.0, tl.float32), tl.where(step > 0, step, 1.0)), 0.0)
     inv = tl.where(inv < float("inf"), inv, 0.0)
@@ -104,11 +118,14 @@ def _group_pack_kernel(
 @triton.jit
 def _group_unpack_kernel(
     codes_ptr, scales_ptr, flags_ptr, out_ptr, numel, num_groups,
-    BITS: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     PER: tl.constexpr = 8 // BITS
     N: tl.constexpr = 1 << BITS
-    group = tl.program_id(0).to(tl.int64) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
+    group = tl.program_id(0)
+    if WIDE:
+        group = group.to(tl.int64)
+    group = group * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
     in_range = group < num_groups
     byte = tl.arange(0, GROUP // PER)
     lane = tl.arange(0, PER)
@@ -121,6 +138,11 @@ def _group_unpack_kernel(
     value = _decode_specials(value, code, top[:, None, None])
     offs = group[:, None, None] * GROUP + byte[None, :, None] * PER + lane[None, None, :]
     tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=offs < numel)
+
+
+def _wide(numel: int) -> bool:
+    # 64-bit offsets cost integer throughput: only for tensors whose offsets leave int32.
+    return numel >= 2**31 - 2**20
 
 
 def _seed() -> int:
@@ -140,7 +162,8 @@ def group_pack(flat: torch.Tensor, bits: int, group_size: int, stochastic: bool)
     _group_pack_kernel[grid](
         flat, codes, scales, flags, numel, num_groups, _seed() if stochastic else 0,
         BITS=bits, GROUP=group_size, GROUPS_PER_PROGRAM=per_program,
-        RCP_PLAIN=rcp_plain, RCP_FLAGGED=rcp_flagged, STOCHASTIC=stochastic,
+        RCP_PLAIN=rcp_plain, RCP_FLAGGED=rcp_flagged, STOCHASTIC=stochastic, WIDE=_wide(numel),
+        num_warps=_NUM_WARPS,
     )  # fmt: skip
     return codes, scales, flags
 
@@ -152,7 +175,8 @@ def group_unpack(codes, scales, flags, bits: int, group_size: int, numel: int, d
     grid = (triton.cdiv(num_groups, per_program),)
     _group_unpack_kernel[grid](
         codes, scales, flags, out, numel, num_groups,
-        BITS=bits, GROUP=group_size, GROUPS_PER_PROGRAM=per_program,
+        BITS=bits, GROUP=group_size, GROUPS_PER_PROGRAM=per_program, WIDE=_wide(numel),
+        num_warps=_NUM_WARPS,
     )  # fmt: skip
     return out
 
@@ -161,23 +185,59 @@ def group_unpack(codes, scales, flags, bits: int, group_size: int, numel: int, d
 
 
 @triton.jit
+def _anchored_table_kernel(mean_ptr, std_ptr, table_ptr, channels, N: tl.constexpr, TINY: tl.constexpr, BLOCK: tl.constexpr):
+    # Per-channel rows [step, 1/step, shift]: computed once so the element kernels only gather.
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = c < channels
+    step, inv, shift = _anchored_grid(
+        tl.load(mean_ptr + c, mask=inside, other=0.0), tl.load(std_ptr + c, mask=inside, other=1.0), N, TINY
+    )
+    tl.store(table_ptr + c * 3, step, mask=inside)
+    tl.store(table_ptr + c * 3 + 1, inv, mask=inside)
+    tl.store(table_ptr + c * 3 + 2, shift, mask=inside)
+
+
+@triton.jit
+def _anchored_flagged_grid(flagged, shift, N: tl.constexpr):
+    # graphpass.quantize._anchored_flagged_grid: flagged blocks keep codes 0, N-2, N-1 for -Inf, NaN, +Inf.
+    shift = tl.where(flagged, tl.maximum(tl.minimum(shift, N - 3.0), 2.0), shift)
+    return shift, tl.where(flagged, 1.0, 0.0), tl.where(flagged, N - 3.0, N - 1.0)
+
+
+@triton.jit
+def _block_offsets(BITS: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    PER: tl.constexpr = 8 // BITS
+    block = tl.program_id(0)
+    if WIDE:
+        block = block.to(tl.int64)
+    byte = block * (BLOCK // PER) + tl.arange(0, BLOCK // PER)
+    lane = tl.arange(0, PER)
+    return block, byte, lane, byte[:, None] * PER + lane[None, :]
+
+
+@triton.jit
+def _channel_of(offs, channels, inner, INNER_IS_ONE: tl.constexpr):
+    if INNER_IS_ONE:  # channels_last: the channel is the fastest-moving index
+        return offs % channels
+    return (offs // inner) % channels
+
+
+@triton.jit
 def _anchored_pack_kernel(
-    x_ptr, codes_ptr, flags_ptr, mean_ptr, std_ptr, numel, channels, inner, seed,
-    BITS: tl.constexpr, BLOCK: tl.constexpr, TINY: tl.constexpr, STOCHASTIC: tl.constexpr,
+    x_ptr, codes_ptr, flags_ptr, table_ptr, numel, channels, inner, seed,
+    BITS: tl.constexpr, BLOCK: tl.constexpr, STOCHASTIC: tl.constexpr, WIDE: tl.constexpr,
+    INNER_IS_ONE: tl.constexpr,
 ):  # fmt: skip
     PER: tl.constexpr = 8 // BITS
     N: tl.constexpr = 1 << BITS
-    block = tl.program_id(0).to(tl.int64)
-    byte = block * (BLOCK // PER) + tl.arange(0, BLOCK // PER)
-    lane = tl.arange(0, PER)
-    offs = byte[:, None] * PER + lane[None, :]
+    block, byte, lane, offs = _block_offsets(BITS, BLOCK, WIDE)
     valid = offs < numel
     x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    channel = (offs // inner) % channels
-    step, inv, shift = _anchored_grid(tl.load(mean_ptr + channel), tl.load(std_ptr + channel), N, TINY)
+    row = _channel_of(offs, channels, inner, INNER_IS_ONE) * 3
+    inv = tl.load(table_ptr + row + 1)
     finite = (x == x) & (tl.abs(x) < float("inf"))
     flagged = tl.max(tl.max(tl.where(finite, 0, 1), axis=1), axis=0) > 0
-    top = _top_code(flagged, N)
+    shift, lowest, highest = _anchored_flagged_grid(flagged, tl.load(table_ptr + row + 2), N)
     xs = tl.where(finite, x, 0.0)
     t = xs * inv
     if STOCHASTIC:
@@ -186,8 +246,8 @@ def _anchored_pack_kernel(
         r = tl.ceil(t) - 1.0
     # Exact sign even where v * inv underflows or stochastic rounding would cross zero.
     r = tl.where(xs > 0, tl.maximum(r, 0.0), tl.minimum(r, -1.0))
-    q = tl.minimum(tl.maximum(r + shift, 0.0), top.to(tl.float32))
-    code = _encode_specials(x, q.to(tl.int32), top)
+    code = tl.minimum(tl.maximum(r + shift, lowest), highest).to(tl.int32)
+    code = tl.where(x != x, N - 2, tl.where(x == float("inf"), N - 1, tl.where(x == -float("inf"), 0, code)))
     code = tl.where(valid, code, 0)
     packed = tl.sum(code << (lane * BITS)[None, :], axis=1)
     tl.store(codes_ptr + byte, packed.to(tl.uint8), mask=byte * PER < numel)
@@ -196,43 +256,54 @@ def _anchored_pack_kernel(
 
 @triton.jit
 def _anchored_unpack_kernel(
-    codes_ptr, flags_ptr, mean_ptr, std_ptr, out_ptr, numel, channels, inner,
-    BITS: tl.constexpr, BLOCK: tl.constexpr, TINY: tl.constexpr,
+    codes_ptr, flags_ptr, table_ptr, out_ptr, numel, channels, inner,
+    BITS: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr, INNER_IS_ONE: tl.constexpr,
 ):  # fmt: skip
     PER: tl.constexpr = 8 // BITS
     N: tl.constexpr = 1 << BITS
-    block = tl.program_id(0).to(tl.int64)
-    byte = block * (BLOCK // PER) + tl.arange(0, BLOCK // PER)
-    lane = tl.arange(0, PER)
-    offs = byte[:, None] * PER + lane[None, :]
+    block, byte, lane, offs = _block_offsets(BITS, BLOCK, WIDE)
     valid = offs < numel
     packed = tl.load(codes_ptr + byte, mask=byte * PER < numel, other=0)
     code = (packed.to(tl.int32)[:, None] >> (lane * BITS)[None, :]) & (N - 1)
-    channel = (offs // inner) % channels
-    step, inv, shift = _anchored_grid(tl.load(mean_ptr + channel), tl.load(std_ptr + channel), N, TINY)
-    top = _top_code(tl.load(flags_ptr + block) != 0, N)
-    value = ((code.to(tl.float32) - shift) + 0.5) * step
-    value = _decode_specials(value, code, top)
+    row = _channel_of(offs, channels, inner, INNER_IS_ONE) * 3
+    flagged = tl.load(flags_ptr + block) != 0
+    shift, _, _ = _anchored_flagged_grid(flagged, tl.load(table_ptr + row + 2), N)
+    value = ((code.to(tl.float32) - shift) + 0.5) * tl.load(table_ptr + row)
+    special = tl.where(code == 0, -float("inf"), tl.where(code == N - 1, float("inf"), float("nan")))
+    value = tl.where(flagged & ((code == 0) | (code >= N - 2)), special, value)
     tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def anchored_pack(flat, bits: int, mean, std, channels: int, inner: int, stochastic: bool):
+def anchored_table(mean, std, bits: int) -> torch.Tensor:
+    """graphpass.quantize.anchored_grid as a (C, 3) table, in one launch."""
+    channels = mean.numel()
+    table = torch.empty(channels, 3, dtype=torch.float32, device=mean.device)
+    block = min(1024, triton.next_power_of_2(channels))
+    _anchored_table_kernel[(triton.cdiv(channels, block),)](
+        mean, std, table, channels, N=1 << bits, TINY=TINY_STEP, BLOCK=block
+    )
+    return table
+
+
+def anchored_pack(flat, bits: int, grid, channels: int, inner: int, stochastic: bool):
     numel = flat.numel()
     blocks = triton.cdiv(numel, FLAG_BLOCK)
     codes = torch.empty(triton.cdiv(numel, 8 // bits), dtype=torch.uint8, device=flat.device)
     flags = torch.empty(blocks, dtype=torch.uint8, device=flat.device)
     _anchored_pack_kernel[(blocks,)](
-        flat, codes, flags, mean, std, numel, channels, inner, _seed() if stochastic else 0,
-        BITS=bits, BLOCK=FLAG_BLOCK, TINY=TINY_STEP, STOCHASTIC=stochastic,
+        flat, codes, flags, grid, numel, channels, inner,
+        _seed() if stochastic else 0,
+        BITS=bits, BLOCK=FLAG_BLOCK, STOCHASTIC=stochastic, WIDE=_wide(numel), INNER_IS_ONE=inner == 1,
+        num_warps=_NUM_WARPS,
     )  # fmt: skip
     return codes, flags
 
 
-def anchored_unpack(codes, flags, mean, std, bits: int, channels: int, inner: int, numel: int, dtype) -> torch.Tensor:
+def anchored_unpack(codes, flags, grid, bits: int, channels: int, inner: int, numel: int, dtype) -> torch.Tensor:
     out = torch.empty(numel, dtype=dtype, device=codes.device)
     _anchored_unpack_kernel[(flags.numel(),)](
-        codes, flags, mean, std, out, numel, channels, inner,
-        BITS=bits, BLOCK=FLAG_BLOCK, TINY=TINY_STEP,
+        codes, flags, grid, out, numel, channels, inner,
+        BITS=bits, BLOCK=FLAG_BLOCK, WIDE=_wide(numel), INNER_IS_ONE=inner == 1, num_warps=_NUM_WARPS,
     )  # fmt: skip
     return out
 
@@ -241,19 +312,15 @@ def anchored_unpack(codes, flags, mean, std, bits: int, channels: int, inner: in
 
 
 @triton.jit
-def _mask_pack_kernel(m_ptr, codes_ptr, numel, BLOCK: tl.constexpr):
-    byte = tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
-    lane = tl.arange(0, 8)
-    offs = byte[:, None] * 8 + lane[None, :]
+def _mask_pack_kernel(m_ptr, codes_ptr, numel, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    _, byte, lane, offs = _block_offsets(1, BLOCK, WIDE)
     bit = (tl.load(m_ptr + offs, mask=offs < numel, other=0) != 0).to(tl.int32)
     tl.store(codes_ptr + byte, tl.sum(bit << lane[None, :], axis=1).to(tl.uint8), mask=byte * 8 < numel)
 
 
 @triton.jit
-def _mask_unpack_kernel(codes_ptr, m_ptr, numel, BLOCK: tl.constexpr):
-    byte = tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
-    lane = tl.arange(0, 8)
-    offs = byte[:, None] * 8 + lane[None, :]
+def _mask_unpack_kernel(codes_ptr, m_ptr, numel, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    _, byte, lane, offs = _block_offsets(1, BLOCK, WIDE)
     packed = tl.load(codes_ptr + byte, mask=byte * 8 < numel, other=0).to(tl.int32)
     tl.store(m_ptr + offs, ((packed[:, None] >> lane[None, :]) & 1).to(tl.uint8), mask=offs < numel)
 
@@ -261,11 +328,15 @@ def _mask_unpack_kernel(codes_ptr, m_ptr, numel, BLOCK: tl.constexpr):
 def mask_pack(flat: torch.Tensor) -> torch.Tensor:
     numel = flat.numel()
     codes = torch.empty(triton.cdiv(numel, 8), dtype=torch.uint8, device=flat.device)
-    _mask_pack_kernel[(triton.cdiv(numel, _MASK_TILE),)](flat.view(torch.uint8), codes, numel, BLOCK=_MASK_TILE)
+    _mask_pack_kernel[(triton.cdiv(numel, _MASK_TILE),)](
+        flat.view(torch.uint8), codes, numel, BLOCK=_MASK_TILE, WIDE=_wide(numel), num_warps=_NUM_WARPS
+    )
     return codes
 
 
 def mask_unpack(codes: torch.Tensor, numel: int) -> torch.Tensor:
     out = torch.empty(numel, dtype=torch.bool, device=codes.device)
-    _mask_unpack_kernel[(triton.cdiv(numel, _MASK_TILE),)](codes, out.view(torch.uint8), numel, BLOCK=_MASK_TILE)
+    _mask_unpack_kernel[(triton.cdiv(numel, _MASK_TILE),)](
+        codes, out.view(torch.uint8), numel, BLOCK=_MASK_TILE, WIDE=_wide(numel), num_warps=_NUM_WARPS
+    )
     return out
