@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -51,6 +52,9 @@ __all__ = [
     "LoweringStats",
     "export_onnx",
     "export_command",
+    "export_training_graph",
+    "SavePoint",
+    "TrainingGraphReport",
     "lower_for_inference",
     "max_opset",
     "InferenceNormAct",
@@ -319,6 +323,23 @@ def _export_params() -> frozenset[str]:
     return frozenset(inspect.signature(torch.onnx.export).parameters)
 
 
+def _export_proto(module: nn.Module, inputs: tuple, opset: int, exporter: str, what: str) -> Any:
+    """Run the exporter into a scratch folder and load the result as one in-memory ModelProto."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="graphpass-onnx-") as scratch:
+        raw = Path(scratch) / "model.onnx"
+        try:
+            with _quiet(), torch.no_grad():
+                (_export_dynamo if exporter == "dynamo" else _export_torchscript)(module, inputs, raw, opset)
+        except GraphpassError:
+            raise
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ExportError(f"{exporter} ONNX export of {what} at opset {opset} failed: {type(e).__name__}: {first}") from e
+        return onnx.load(str(raw))  # pulls any external-data side files into the proto
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks
 # ---------------------------------------------------------------------------------------------
@@ -516,20 +537,7 @@ def export_onnx(
         reference = copy.deepcopy(model).eval()
         batch = max(2, int(tensors[0].shape[0]))  # batch 1 would be specialised by torch.export
         export_inputs = _real_inputs(inputs, batch)
-        with tempfile.TemporaryDirectory(prefix="graphpass-onnx-") as scratch:
-            raw = Path(scratch) / "model.onnx"
-            try:
-                with _quiet(), torch.no_grad():
-                    (_export_dynamo if exporter == "dynamo" else _export_torchscript)(lowered, export_inputs, raw, opset)
-            except GraphpassError:
-                raise
-            except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise ExportError(
-                    f"{exporter} ONNX export of {type(gm_or_model).__name__} at opset {opset} failed: "
-                    f"{type(e).__name__}: {first}"
-                ) from e
-            proto = onnx.load(str(raw))  # pulls any external-data side files into one proto
+        proto = _export_proto(lowered, export_inputs, opset, exporter, type(gm_or_model).__name__)
         problems = _structure_problems(proto, opset, stats, no_batchnorm=_wants_no_batchnorm(model, stats))
         if problems:
             raise ExportError(f"exported model of {type(gm_or_model).__name__} is not clean: " + "; ".join(problems))
@@ -573,6 +581,162 @@ def export_onnx(
     return report
 
 
+# ---------------------------------------------------------------------------------------------
+# Annotated training forward graph (for Netron)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SavePoint:
+    """One quantize-on-save point as it appears in the annotated export."""
+
+    node: str  # the compression point's fx node
+    tensor: str  # fx node whose value autograd keeps in compressed form
+    bits: int
+    layout: str  # "group" (everything saved from here on) or "anchored" (one copy per layer)
+    detail: str  # the rest of node.meta["graphpass.quant"]
+    output: str  # name of the DequantizeLinear output in the ONNX graph
+
+
+@dataclass
+class TrainingGraphReport:
+    """What ``export_training_graph`` wrote."""
+
+    path: str
+    opset: int
+    exporter: str
+    points: list[SavePoint]
+    max_rel_error: float  # of the model output, onnxruntime against PyTorch
+    file_bytes: int
+
+    def summary(self) -> str:
+        bits = Counter(p.bits for p in self.points)
+        marked = ", ".join(f"{n} at {b} bits" for b, n in sorted(bits.items()))
+        return (
+            f"wrote {self.path} ({self.file_bytes / 2**20:.1f} MiB, opset {self.opset}): training forward graph with "
+            f"{len(self.points)} quantize-on-save points marked ({marked}); output max rel error {self.max_rel_error:.2e}"
+        )
+
+
+def _save_points(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node, Any]]:
+    """(compression point, node whose value is stored, its QuantFormat) for every point that stores data."""
+    from graphpass.meta import META_QUANT
+
+    layer_inputs = {}
+    points = []
+    for node in gm.graph.nodes:
+        fmt = node.meta.get(META_QUANT)
+        if fmt is None or not _is_compression_node(node):
+            continue
+        if fmt.point == "layer_input":
+            layer_inputs[fmt.layer] = node.args[0]
+        if fmt.layout:
+            # with no activation after the norm, the layer's copy is the norm input, not its output
+            stored = layer_inputs.get(fmt.layer) if getattr(fmt, "stored", "") == "norm_input" else None
+            points.append((node, stored if stored is not None else node.args[0], fmt))
+    return points
+
+
+def _add_qdq(proto: Any, value: Any, point: SavePoint, sample: torch.Tensor, opset: int, module: str) -> None:
+    """Append value -> QuantizeLinear -> DequantizeLinear -> graph output ``point.output`` (same type)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    levels = 2**point.bits - 1
+    lo, hi = min(sample.min().item(), 0.0), max(sample.max().item(), 0.0)
+    scale = (hi - lo) / levels if hi > lo else 1.0
+    zero = int(round(-lo / scale))
+    # 4- and 2-bit codes fit ONNX's uint4 from opset 21; before it they are stored in uint8 lanes
+    zero_type = TensorProto.UINT4 if point.bits <= 4 and opset >= GROUP_NORM_OPSET else TensorProto.UINT8
+    prefix = f"graphpass_q{point.bits}__{point.node}"
+    proto.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(scale, dtype=np.float32), f"{prefix}__scale"),
+            helper.make_tensor(f"{prefix}__zero_point", zero_type, [], [zero]),
+        ]
+    )
+    doc = (
+        f"graphpass quantize-on-save point {point.node} (module {module or '-'}): autograd keeps a "
+        f"{point.bits}-bit {point.layout} copy of {point.tensor} for backward ({point.detail}). "
+        "Training only: the inference export has no such branch; scale here is per-tensor, from the example input."
+    )
+    proto.graph.node.extend(
+        [
+            helper.make_node("QuantizeLinear", [value.name, f"{prefix}__scale", f"{prefix}__zero_point"], [f"{prefix}__codes"], name=f"{prefix}/quantize", doc_string=doc),
+            helper.make_node("DequantizeLinear", [f"{prefix}__codes", f"{prefix}__scale", f"{prefix}__zero_point"], [point.output], name=f"{prefix}/dequantize", doc_string=doc),
+        ]
+    )
+    out = proto.graph.output.add()
+    out.CopyFrom(value)
+    out.name = point.output
+
+
+def export_training_graph(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    path: str | Path,
+    *,
+    opset: int = GROUP_NORM_OPSET,
+    exporter: str = "auto",
+) -> TrainingGraphReport:
+    """Export the forward graph with every quantize-on-save point drawn as a Q/DQ side branch.
+
+    Each point becomes ``QuantizeLinear -> DequantizeLinear`` on the tensor autograd keeps, with
+    its bit width in the node names (``graphpass_q4__<node>``), the zero point's type (uint4 for
+    4 and 2 bits from opset 21) and a doc string, ending in an extra graph output
+    ``saved_<bits>bit__<node>``, so Netron shows where training stores what. The main output is the
+    inference model's and is checked against PyTorch like :func:`export_onnx`.
+    """
+    import onnx
+    import onnxruntime
+
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise InputError(f"export_training_graph takes the GraphModule from gp.transform, got {type(gm).__name__}")
+    opset = _check_opset(opset, exporter)
+    exporter = _resolve_exporter(exporter, opset)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    found = _save_points(gm)
+    if not found:
+        raise InputError("the graph has no quantize-on-save points: build it with gp.transform(..., bits=8, 4 or 2)")
+    with atomic_output(path, suffixes=(".onnx",)) as tmp:
+        tapped, stats = lower_for_inference(gm)
+        names = {n.name: n for n in tapped.graph.nodes}
+        output = next(n for n in tapped.graph.nodes if n.op == "output")
+        taps = [names[stored.name] for _, stored, _ in found]
+        output.args = ((output.args[0], *taps),)
+        tapped.recompile()
+        export_inputs = _real_inputs(inputs, max(2, int(inputs[0].shape[0])))
+        with torch.no_grad():
+            expected, *samples = tapped(*export_inputs)
+        proto = _export_proto(tapped, export_inputs, opset, exporter, type(gm).__name__)
+        graph_outputs = list(proto.graph.output)
+        if len(graph_outputs) != 1 + len(taps):
+            raise ExportError(f"expected {1 + len(taps)} graph outputs, the exporter wrote {len(graph_outputs)}")
+        del proto.graph.output[1:]
+        points = []
+        for (node, stored, fmt), value, sample in zip(found, graph_outputs[1:], samples):
+            detail = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(fmt).items() if v not in ("", None) and k not in ("bits", "layout"))
+            point = SavePoint(node.name, stored.name, fmt.bits, fmt.layout, detail, f"saved_{fmt.bits}bit__{node.name}")
+            _add_qdq(proto, value, point, sample, opset, node.meta.get("graphpass.module", ""))
+            points.append(point)
+        meta = _metadata(gm, stats, None)
+        meta["graphpass.save_points"] = json.dumps([dataclasses.asdict(p) for p in points])
+        onnx.helper.set_model_props(proto, meta)
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except Exception as e:
+            raise ExportError(f"onnx.checker rejects the annotated training graph (opset {opset}): {e}") from e
+        session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), [x for x in export_inputs if isinstance(x, torch.Tensor)])}
+        got = torch.from_numpy(session.run([proto.graph.output[0].name], feed)[0])
+        err = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
+        if not err <= 1e-4:
+            raise ExportError(f"annotated training graph: onnxruntime output differs from PyTorch's by {err:.3e} relative")
+        onnx.save(proto, str(tmp))
+        report = TrainingGraphReport(str(path), opset, exporter, points, err, tmp.stat().st_size)
+    log.info("%s", report.summary())
+    return report
+
+
 def export_command(args: Any) -> int:
     """``graphpass export MODEL -o F.onnx``: transform, export, check; prints the report."""
     import graphpass as gp
@@ -585,7 +749,23 @@ def export_command(args: Any) -> int:
     inputs = example_inputs(args.batch, args.image)
     print(f"graphpass export: transforming {args.model} (norm={args.norm}, bits={args.bits})", file=sys.stderr)
     gm = gp.transform(model, inputs, bits=args.bits, norm=args.norm, groups=args.groups)
+    plan = _plan_or_none(model, inputs, args)
     print(f"graphpass export: exporting at opset {args.opset} and checking", file=sys.stderr)
-    report = export_onnx(gm, inputs, args.output, opset=args.opset)
+    report = export_onnx(gm, inputs, args.output, opset=args.opset, plan=plan)
     print(report.summary())
     return 0
+
+
+def _plan_or_none(model: nn.Module, inputs: tuple, args: Any) -> Any:
+    """The memory plan for the metadata; it is extra information, so a model it fails on still exports."""
+    import graphpass as gp
+
+    meta_inputs = tuple(x.to("meta") for x in inputs)
+    try:
+        return gp.plan(
+            model, meta_inputs, bits=args.bits, norm=args.norm, groups=args.groups,
+            description=f"{args.model} batch {args.batch} {args.image}px",
+        )  # fmt: skip
+    except GraphpassError as e:
+        log.warning("no memory plan in the metadata: %s", e)
+        return None

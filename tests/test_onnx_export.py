@@ -214,3 +214,36 @@ def test_zoo_gn_pn_4bit_exports_clean(name, opset, tmp_path):
     assert report.lowering.compression_points_removed > 0
     if report.lowering.group_norms:
         assert ("GroupNormalization" in ops) == (opset >= 21)
+
+
+@pytest.mark.parametrize(("bits", "opset", "code_type"), [(4, 21, onnx.TensorProto.UINT4), (8, 17, onnx.TensorProto.UINT8)])
+def test_training_graph_marks_every_quantize_on_save_point(bits, opset, code_type, tmp_path):
+    from graphpass.meta import META_QUANT
+    from graphpass.onnx_export import export_training_graph
+
+    x = torch.randn(2, 3, 16, 16)
+    gm = gp.transform(SmallResNet(), (x,), bits=bits, norm="keep")
+    storing = [n.name for n in gm.graph.nodes if n.meta.get(META_QUANT) is not None and n.meta[META_QUANT].layout]
+    assert len(storing) == 4  # the generic session and one copy per Conv-BN layer (3)
+    report = export_training_graph(gm, (x,), tmp_path / "train.onnx", opset=opset)
+    model = onnx.load(str(tmp_path / "train.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert [p.node for p in report.points] == storing
+    assert [o.name for o in model.graph.output[1:]] == [f"saved_{bits}bit__{name}" for name in storing]
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert [n.name for n in quantize] == [f"graphpass_q{bits}__{name}/quantize" for name in storing]
+    assert all(f"{bits}-bit" in n.doc_string for n in quantize)
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == len(storing)
+    zero_points = {i.name: i for i in model.graph.initializer if i.name.endswith("__zero_point")}
+    assert len(zero_points) == len(storing) and {z.data_type for z in zero_points.values()} == {code_type}
+    assert report.max_rel_error <= 1e-4
+    # the layer without an activation keeps its norm input (conv2's output), not the norm's output
+    assert report.points[-1].tensor == "conv2"
+
+
+def test_training_graph_needs_compression_points(tmp_path):
+    from graphpass.onnx_export import export_training_graph
+
+    with pytest.raises(InputError, match="bits="):
+        export_training_graph(gp.trace(SmallResNet()), torch.randn(2, 3, 8, 8), tmp_path / "t.onnx")
+    assert list(tmp_path.iterdir()) == []
