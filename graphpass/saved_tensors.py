@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,6 +114,7 @@ class _Discovery(torch.fx.Interpreter):
         self.values: dict[str, Any] = {}  # node name -> value (kept: identities must stay unique)
         self.parameters: dict[str, int] = {}  # parameter/buffer name -> storage id
         self.packed: list[tuple[str, torch.Tensor, str, int]] = []  # (node, tensor, fmt, stored bytes)
+        self.passthrough: dict[str, bool] = {}
 
     def storage_id(self, t: torch.Tensor, kind: str, owner: str, requires_grad: bool = False) -> int:
         key = t.untyped_storage()._cdata
@@ -127,6 +127,7 @@ class _Discovery(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         self.current = n
+        versions = {id(t): t._version for a in n.all_input_nodes for t in _tensors(self.values.get(a.name))}
         try:
             out = super().run_node(n)
         except GraphpassError:
@@ -143,6 +144,10 @@ class _Discovery(torch.fx.Interpreter):
         finally:
             self.current = None
         self.values[n.name] = out
+        # Returning an input unchanged (same tensor, same version: a tuple item, a compression
+        # point) passes its gradient through; an in-place op returns it with a new version.
+        outs = list(_tensors(out))
+        self.passthrough[n.name] = bool(outs) and all(versions.get(id(t)) == t._version for t in outs)
         return out
 
     def record(self, t: torch.Tensor, fmt: str = "full", stored_nbytes: int = 0) -> None:
@@ -176,17 +181,51 @@ class _Discovery(torch.fx.Interpreter):
             shape, dtype = tuple(t.shape), t.dtype
             if fmt != "full":
                 key = (sid, fmt)
-                if key not in self.compressed_of:
-                    if stored_nbytes == 0:
-                        continue  # shares a copy reported elsewhere
+                if key in self.compressed_of:
+                    cid = self.compressed_of[key]
+                elif stored_nbytes:
                     cid = len(self.storages)
                     self.storages[cid] = StorageInfo(cid, stored_nbytes, "compressed", node)
                     self.compressed_of[key] = cid
-                cid = self.compressed_of[key]
+                else:
+                    shared = self.nearest_copy(node, fmt)
+                    if shared is None:
+                        continue
+                    cid = shared
                 entry = SavedTensor("compressed", source, shape, dtype, self.storages[cid].nbytes, cid, fmt)
             else:
                 entry = SavedTensor(kind, source, shape, dtype, info.nbytes, sid)
             self.saved.setdefault(node, {})[(entry.storage, fmt)] = entry
+
+
+    def nearest_copy(self, node: str, fmt: str) -> int | None:
+        """The copy of format ``fmt`` that a zero-byte report at ``node`` shares.
+
+        A pack hook reports 0 bytes when it hands out a reference to a copy made for another
+        tensor, e.g. one K-bit copy per Conv-Norm-Act layer serves the norm's input, its output and
+        the activation. That copy was made by the nearest node in the graph (undirected distance)
+        that made a copy of the same format; ties go to the earlier report.
+        """
+        owners: dict[str, int] = {}
+        for (_, f), cid in self.compressed_of.items():
+            if f == fmt:
+                owners.setdefault(self.storages[cid].owner, cid)
+        if not owners:
+            return None
+        by_name = {n.name: n for n in self.graph.nodes}
+        seen, frontier = {node}, [by_name[node]]
+        while frontier:
+            hits = [owners[n.name] for n in frontier if n.name in owners]
+            if hits:
+                return min(hits)
+            nxt = []
+            for n in frontier:
+                for m in (*n.all_input_nodes, *n.users):
+                    if m.name not in seen:
+                        seen.add(m.name)
+                        nxt.append(m)
+            frontier = nxt
+        return None
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -293,11 +332,10 @@ def discover_saved_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[An
         ins = [t for a in n.all_input_nodes for t in _tensors(interp.values.get(a.name))]
         in_storages = {t.untyped_storage()._cdata for t in ins}
         in_ids = {id(t) for t in ins}
-        # A view's gradient is a view of the upstream gradient and a tuple item's gradient is the
-        # producer's; an in-place op (same tensor as an input) computes a new gradient.
-        grad_is_alias = bool(outs) and (
-            n.target is operator.getitem
-            or all(t.untyped_storage()._cdata in in_storages and id(t) not in in_ids for t in outs)
+        # A view's gradient is a view of the upstream gradient; an input returned unchanged passes
+        # its gradient through; an in-place op (same tensor, new version) computes a new gradient.
+        grad_is_alias = interp.passthrough.get(n.name, False) or (
+            bool(outs) and all(t.untyped_storage()._cdata in in_storages and id(t) not in in_ids for t in outs)
         )
         grad_nbytes = sum(t.numel() * t.element_size() for t in outs if t.requires_grad)
         saved = tuple(interp.saved.get(n.name, {}).values())
