@@ -534,4 +534,4 @@ def _keep_as_is(t: torch.Tensor) -> bool:
         return numel <= MAX_STATISTIC_NUMEL and not t.requires_grad
     # One op away from a parameter: a transposed weight (linear), autocast's cast of it.
     parents = node.next_functions
-    return len(parents) == 1 and type(parents[0][0]).__name__ == "AccumulateGrad"
+    return len(parents) == 1 and isinstance(getattr(parents[0][0], "variable", None), nn.Parameter)

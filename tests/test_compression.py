@@ -1,0 +1,406 @@
+"""Compressed saved activations: the pass, the runtime's layer and generic modes, edge cases."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphpass import runtime
+from graphpass.errors import InputError
+from graphpass.meta import META_QUANT
+from graphpass.proxy_norm import ScaledGroupNorm
+from graphpass.save_recorder import recording
+from graphpass.tracing import trace
+from passes.insert_quantize_on_save import insert_quantize_on_save
+from tests.models import SmallResNet
+
+
+def transformed(model: nn.Module, x: torch.Tensor, bits: int = 4, rounding: str = "nearest") -> torch.fx.GraphModule:
+    gm = trace(copy.deepcopy(model), (x,))
+    result = insert_quantize_on_save(gm, bits=bits, rounding=rounding)
+    assert result.modified
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def step(model: nn.Module, x: torch.Tensor, loss=lambda out: (out * out).sum()):
+    model.zero_grad(set_to_none=True)
+    xr = x.detach().clone().requires_grad_()
+    out = model(xr)
+    loss(out).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), xr.grad, grads
+
+
+def cosine(a: dict, b: dict) -> float:
+    va = torch.cat([a[k].flatten().double() for k in sorted(a)])
+    vb = torch.cat([b[k].flatten().double() for k in sorted(a)])
+    return F.cosine_similarity(va, vb, dim=0).item()
+
+
+def assert_same_gradients(got: dict, expected: dict, tol: float = 1e-5) -> None:
+    """Equal to ``tol`` of each gradient's scale: float rounding of the rebuilt tensors only."""
+    assert set(got) == set(expected)
+    for name, ref in expected.items():
+        err = (got[name] - ref).abs().max().item()
+        assert err <= tol * ref.abs().max().item(), f"{name}: max abs difference {err:.3g}, scale {ref.abs().max():.3g}"
+
+
+class Recorded:
+    """Formats reported through graphpass.save_recorder, with the shapes they were reported for."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, int]] = []
+
+    def __call__(self, t: torch.Tensor, nbytes: int, fmt: str) -> None:
+        self.calls.append((fmt, tuple(t.shape), nbytes))
+
+    def formats(self) -> set[str]:
+        return {fmt for fmt, _, _ in self.calls}
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def test_pass_shows_each_point_and_its_bit_width():
+    x = torch.randn(2, 3, 16, 16)
+    gm = transformed(SmallResNet(), x, bits=4)
+    code = gm.code
+    assert code.count("quantize_layer(") == 3 and code.count("layer_input(") == 3
+    assert "bits = 4" in code and "activation = 'relu'" in code and "activation = 'none'" in code
+    points = [n for n in gm.graph.nodes if runtime.is_compression_node(n)]
+    assert len(points) == 8  # begin, 3 x (layer_input, quantize_layer), end
+    for node in points:
+        fmt = node.meta[META_QUANT]
+        assert isinstance(fmt, runtime.QuantFormat) and fmt.bits == 4
+    layers = [n.meta[META_QUANT] for n in points if n.meta[META_QUANT].point == "layer"]
+    assert [(f.norm, f.activation, f.stored) for f in layers] == [
+        ("batch_norm", "relu", "pre_activation"),
+        ("batch_norm", "relu", "pre_activation"),
+        ("batch_norm", "none", "norm_input"),
+    ]
+    assert {n.target for n in points} <= runtime.COMPRESSION_OPS
+
+
+def test_pass_is_idempotent_and_reports_stats():
+    x = torch.randn(2, 3, 16, 16)
+    gm = trace(SmallResNet(), (x,))
+    first = insert_quantize_on_save(gm, bits=8)
+    assert first.modified and first.stats == {"layers": 3, "layers_none": 1, "layers_relu": 2}
+    code = gm.code
+    second = insert_quantize_on_save(gm, bits=8)
+    assert not second.modified and second.stats == {}
+    assert gm.code == code
+
+
+def test_no_norm_means_no_layer_points():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    gm = trace(model, (torch.randn(3, 8),))
+    result = insert_quantize_on_save(gm, bits=4)
+    assert result.stats == {"layers": 0}
+    assert not any(n.target in (runtime.quantize_layer, runtime.layer_input) for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("bits", [0, 1, 3, 16, 32, None, True, "4"])
+def test_bits_outside_2_4_8_is_a_clear_error(bits):
+    gm = trace(SmallResNet(), (torch.randn(2, 3, 8, 8),))
+    with pytest.raises(InputError, match="bits must be one of 8, 4 or 2"):
+        insert_quantize_on_save(gm, bits=bits)
+
+
+def test_unknown_rounding_is_a_clear_error():
+    gm = trace(SmallResNet(), (torch.randn(2, 3, 8, 8),))
+    with pytest.raises(InputError, match="rounding"):
+        insert_quantize_on_save(gm, bits=4, rounding="up")
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("bits,min_cosine", [(8, 0.999), (4, 0.99), (2, 0.85)])
+def test_forward_exact_and_gradients_close(bits, min_cosine):
+    model = SmallResNet().train()
+    x = torch.randn(4, 3, 16, 16)
+    gm = transformed(model, x, bits=bits)
+    out_r, gin_r, g_r = step(model, x)
+    out_c, gin_c, g_c = step(gm, x)
+    assert torch.equal(out_r, out_c)
+    assert cosine(g_r, g_c) >= min_cosine
+    assert F.cosine_similarity(gin_r.flatten(), gin_c.flatten(), dim=0) >= min_cosine
+
+
+def test_stochastic_rounding_runs_and_stays_close():
+    model = SmallResNet().train()
+    x = torch.randn(4, 3, 16, 16)
+    gm = transformed(model, x, bits=4, rounding="stochastic")
+    out_r, _, g_r = step(model, x)
+    out_c, _, g_c = step(gm, x)
+    assert torch.equal(out_r, out_c)
+    assert cosine(g_r, g_c) >= 0.98
+
+
+class Functional(nn.Module):
+    """Functional and Tensor-method forms of norms and activations."""
+
+    def __init__(self, act: str) -> None:
+        super().__init__()
+        self.act = act
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.gn_weight = nn.Parameter(torch.rand(8) + 0.5)
+        self.gn_bias = nn.Parameter(torch.randn(8) * 0.1)
+
+    def forward(self, x):
+        h = F.batch_norm(self.conv1(x), self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias, True)
+        h = h.relu() if self.act == "method" else F.relu(h, inplace=True)
+        h = F.group_norm(self.conv2(h), 2, self.gn_weight, self.gn_bias)
+        return F.leaky_relu(h, 0.2)
+
+
+def conv_norm_act(norm: str, act: str, inplace: bool) -> nn.Module:
+    norms = {
+        "bn": lambda c: nn.BatchNorm2d(c),
+        "gn": lambda c: nn.GroupNorm(2, c),
+        "gn_noaffine": lambda c: nn.GroupNorm(4, c, affine=False),
+        "scaled_gn": lambda c: ScaledGroupNorm(c, 2),
+    }
+    acts = {
+        "relu": lambda: nn.ReLU(inplace=inplace),
+        "relu6": lambda: nn.ReLU6(inplace=inplace),
+        "leaky_relu": lambda: nn.LeakyReLU(0.1, inplace=inplace),
+        "silu": lambda: nn.SiLU(inplace=inplace),
+        "gelu": lambda: nn.GELU(),
+        "gelu_tanh": lambda: nn.GELU("tanh"),
+        "hardswish": lambda: nn.Hardswish(inplace=inplace),
+        "none": lambda: nn.Identity(),
+    }
+    layers: list[nn.Module] = []
+    for cin in (3, 8):
+        layers += [nn.Conv2d(cin, 8, 3, padding=1, bias=False), norms[norm](8), acts[act]()]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():  # affine parameters away from their init, both signs of beta
+        for m in model.modules():
+            if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1:
+                m.weight.uniform_(0.5, 1.5)
+            if isinstance(getattr(m, "bias", None), nn.Parameter) and m.bias.dim() == 1:
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+LAYER_CASES = [
+    ("bn", "relu", True), ("bn", "relu", False), ("bn", "relu6", True), ("bn", "relu6", False),
+    ("bn", "leaky_relu", True), ("bn", "leaky_relu", False), ("bn", "silu", True), ("bn", "silu", False),
+    ("bn", "gelu", False), ("bn", "gelu_tanh", False), ("bn", "hardswish", True), ("bn", "hardswish", False),
+    ("bn", "none", False), ("gn", "relu", True), ("gn", "silu", False), ("gn", "none", False),
+    ("gn_noaffine", "relu", False), ("scaled_gn", "none", False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("norm,act,inplace", LAYER_CASES)
+def test_reconstruction_formulas_with_quantization_off(norm, act, inplace):
+    """Same code path, exact copies: every saved tensor of the chain is rebuilt from one copy per
+    layer, and the gradients equal plain autograd."""
+    model = conv_norm_act(norm, act, inplace).train()
+    x = torch.randn(4, 3, 12, 12)
+    gm = transformed(model, x, bits=4)
+    _, gin_r, g_r = step(model, x)
+    recorded = Recorded()
+    with runtime.quantization_disabled(), recording(recorded):
+        _, gin_c, g_c = step(gm, x)
+    assert_same_gradients({"input": gin_c, **g_c}, {"input": gin_r, **g_r})
+    # Every activation-sized tensor autograd saved is a reference to a layer copy, except the
+    # model input (saved by the first convolution).
+    big = [(fmt, shape) for fmt, shape, _ in recorded.calls if math.prod(shape) >= runtime.MIN_PACKED_NUMEL]
+    assert big and all(fmt == "exact-layer" for fmt, shape in big if shape != tuple(x.shape)), big
+
+
+def test_functional_and_method_forms_are_layers():
+    for act in ("method", "functional"):
+        model = Functional(act).train()
+        x = torch.randn(4, 3, 12, 12)
+        gm = transformed(model, x, bits=4)
+        layers = [n.meta[META_QUANT] for n in gm.graph.nodes if n.target is runtime.quantize_layer]
+        assert [(f.norm, f.activation) for f in layers] == [("batch_norm", "relu"), ("group_norm", "leaky_relu")]
+        _, _, g_r = step(model, x)
+        with runtime.quantization_disabled():
+            _, _, g_c = step(gm, x)
+        assert_same_gradients(g_c, g_r)
+
+
+def test_layer_keeps_one_quantized_copy_per_layer():
+    model = conv_norm_act("bn", "relu", True).train()
+    x = torch.randn(4, 3, 12, 12)
+    gm = transformed(model, x, bits=4)
+    recorded = Recorded()
+    with recording(recorded):
+        step(gm, x)
+    stored = [(fmt, shape, n) for fmt, shape, n in recorded.calls if n > 0 and fmt != "full"]
+    assert [fmt for fmt, _, _ in stored] == ["q4-layer", "q4-layer"]
+    numel = 4 * 8 * 12 * 12
+    assert all(n < numel // 2 + 1024 for _, _, n in stored)  # 4 bits per element plus per-channel floats
+
+
+def test_shared_tensor_is_stored_once_and_masks_take_one_bit():
+    lin1, lin2, lin3 = nn.Linear(64, 128), nn.Linear(128, 32), nn.Linear(128, 32)
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin1, self.lin2, self.lin3 = lin1, lin2, lin3
+
+        def forward(self, x):
+            h = torch.relu(self.lin1(x))
+            return self.lin2(h) + self.lin3(h)
+
+    model = TwoHeads().train()
+    x = torch.randn(32, 64)
+    gm = transformed(model, x, bits=4)
+    recorded = Recorded()
+    with recording(recorded):
+        _, _, g_c = step(gm, x)
+    _, _, g_r = step(model, x)
+    assert cosine(g_r, g_c) > 0.99
+    relu_saves = [(fmt, n) for fmt, shape, n in recorded.calls if shape == (32, 128)]
+    # relu's own result: a 1-bit mask; lin2 and lin3 inputs: one 4-bit copy, shared.
+    assert relu_saves[0] == ("mask1", 32 * 128 // 8)
+    assert [fmt for fmt, _ in relu_saves[1:]] == ["q4-group", "q4-group"]
+    assert relu_saves[1][1] > 0 and relu_saves[2][1] == 0
+
+
+def test_a_reused_python_id_is_not_mistaken_for_the_same_tensor():
+    """A dead tensor's id (and memory) gets reused by the allocator; its entry must not match."""
+    state = runtime.CompressionState()
+    x = torch.randn(64, 64, requires_grad=True)
+    runtime.compress_saved(x, state, bits=8)
+    session = state.session
+    first = torch.sin(x)
+    first_id = id(first)
+    handle = session.pack(first)
+    del first
+    second = torch.cos(x)  # same shape and version as the dead tensor
+    session.entries[id(second)] = session.entries.pop(first_id)  # as if it had inherited the id
+    assert session.pack(second) is not handle
+    assert session.pack(second) is session.pack(second)  # a live tensor saved twice: one copy
+    runtime.compress_saved_end(None, state)
+    assert not session.entries and state.session is None  # dropped when the forward pass ends
+
+
+def test_a_tensor_changed_in_place_is_a_new_value():
+    state = runtime.CompressionState()
+    x = torch.randn(64, 64, requires_grad=True)
+    runtime.compress_saved(x, state, bits=8)
+    session = state.session
+    h = torch.sin(x)
+    before = session.pack(h)
+    with torch.no_grad():
+        h.mul_(2)
+    after = session.pack(h)
+    runtime.compress_saved_end(None, state)
+    assert after is not before
+    torch.testing.assert_close(runtime._unpack(after), h.detach(), atol=0.02, rtol=0)
+
+
+def test_nan_and_inf_survive_pack_and_unpack():
+    state = runtime.CompressionState()
+    x = torch.randn(8, 1024, requires_grad=True)
+    special = torch.zeros(8, 1024)
+    special[0, 3], special[2, 5], special[5, 7] = math.nan, math.inf, -math.inf
+    runtime.compress_saved(x, state, bits=4)
+    h = x + special
+    y = torch.sin(h)  # saves h
+    runtime.compress_saved_end(y, state)
+    rebuilt = y.grad_fn._saved_self
+    assert torch.isnan(rebuilt[0, 3]) and rebuilt[2, 5] == math.inf and rebuilt[5, 7] == -math.inf
+    finite = torch.isfinite(h)
+    assert torch.isfinite(rebuilt[finite]).all()
+    assert (rebuilt[finite] - h[finite]).abs().max() < 0.5
+
+
+def test_constant_channels_give_no_nan():
+    model = conv_norm_act("bn", "relu", True).train()
+    with torch.no_grad():
+        model[0].weight[:3] = 0  # channels 0-2 of the first BatchNorm are constant
+        model[1].weight[5] = 0  # and a zero gamma
+    x = torch.randn(4, 3, 12, 12)
+    gm = transformed(model, x, bits=4)
+    _, gin, grads = step(gm, x)
+    assert torch.isfinite(gin).all() and all(torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_batch_one_and_empty_batch(batch):
+    model = SmallResNet().train()
+    x = torch.randn(batch, 3, 16, 16)
+    gm = transformed(model, torch.randn(2, 3, 16, 16), bits=4)
+    out_r, _, g_r = step(model, x)
+    out_c, _, g_c = step(gm, x)
+    assert torch.equal(out_r, out_c)
+    assert set(g_c) == set(g_r)
+    if batch:
+        assert cosine(g_r, g_c) > 0.98
+
+
+def test_no_compression_in_eval_or_no_grad():
+    model = SmallResNet()
+    x = torch.randn(2, 3, 16, 16)
+    gm = transformed(model, x, bits=4)
+    recorded = Recorded()
+    with recording(recorded):
+        gm.eval()
+        model.eval()
+        out_c, _, g_c = step(gm, x)
+        out_r, _, g_r = step(model, x)
+        gm.train()
+        with torch.no_grad():
+            gm(x)
+    assert recorded.calls == []
+    assert torch.equal(out_r, out_c)
+    for name in g_r:
+        assert torch.equal(g_c[name], g_r[name])
+    assert gm.get_submodule(runtime.STATE_NAME).session is None
+
+
+def test_channels_last_and_autocast_bf16():
+    model = SmallResNet().train().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 16, 16).to(memory_format=torch.channels_last)
+    gm = transformed(model, x, bits=8)
+    out_r, _, g_r = step(model, x)
+    out_c, _, g_c = step(gm, x)
+    assert torch.equal(out_r, out_c) and cosine(g_r, g_c) > 0.999
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_r, _, g_r = step(model, x, loss=lambda o: (o.float() ** 2).sum())
+        out_c, _, g_c = step(gm, x, loss=lambda o: (o.float() ** 2).sum())
+    assert out_c.dtype == torch.bfloat16 and torch.equal(out_r, out_c)
+    assert cosine(g_r, g_c) > 0.99
+
+
+def test_fp16_saved_tensors():
+    model = conv_norm_act("bn", "silu", False).train().half()
+    x = torch.randn(4, 3, 12, 12).half()
+    gm = transformed(model, x.float(), bits=8)
+    out_r, _, g_r = step(model, x, loss=lambda o: (o.float() ** 2).sum())
+    out_c, _, g_c = step(gm, x, loss=lambda o: (o.float() ** 2).sum())
+    assert torch.equal(out_r, out_c)
+    assert cosine(g_r, g_c) > 0.99
+
+
+def test_runs_on_fake_and_meta_tensors_and_reports_compressed_sizes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = SmallResNet().train()
+    gm = transformed(model, torch.randn(2, 3, 16, 16), bits=4)
+    for device in ("meta", "fake"):
+        recorded = Recorded()
+        g = copy.deepcopy(gm).to("meta") if device == "meta" else gm
+        mode = FakeTensorMode(allow_non_fake_inputs=True) if device == "fake" else None
+        with recording(recorded), (mode if mode is not None else torch.device("meta")):
+            x = torch.randn(8, 3, 16, 16, device="meta" if device == "meta" else "cpu")
+            g(x).sum().backward()
+        assert {"q4-layer", "mask1"} <= recorded.formats(), device
+        layer = [n for fmt, shape, n in recorded.calls if fmt == "q4-layer" and n > 0]
+        assert len(layer) == 3 and all(0 < n < 8 * 16 * 16 * 16 for n in layer)
