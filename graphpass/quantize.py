@@ -139,7 +139,10 @@ def pack_anchored(
 
     ``mean``/``std`` are the per-channel mean and standard deviation of ``v`` (C elements each,
     any shape); they set the window ``mean_c +- 3 std_c``. The per-channel grid derived from them is
-    stored (12 bytes per channel). Sign is exact: codes at or above the channel's shift are exactly ``v > 0``.
+    stored (12 bytes per channel). Sign is exact: codes at or above the channel's shift are exactly
+    ``v > 0``, and rebuilt values are > 0 exactly where ``v > 0``. Inside the window the error is at
+    most ``step_c / 2``. ``stochastic=True`` rounds between bin midpoints without bias, except within
+    half a step of zero (the sign wins) and outside the window (clipped).
     """
     _check_bits(bits)
     _check_float(v, "pack_anchored")
