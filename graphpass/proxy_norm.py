@@ -1,0 +1,394 @@
+"""GroupNorm + Proxy Normalization (Labatie et al., NeurIPS 2021), fused so it keeps only its input.
+
+PN-Act, per channel c, on ``y = GroupNorm(x)`` computed without affine::
+
+    z_c   = act(gamma_c * y_c + beta_c)
+    Y~_c  ~ N(beta~_c, (1 + gamma~_c)^2)                 the proxy variable
+    mu~_c = E[act(gamma_c * Y~_c + beta_c)]              N = 200 quadrature points
+    s~2_c = Var[act(gamma_c * Y~_c + beta_c)]            biased variance
+    out_c = (z_c - mu~_c) / sqrt(s~2_c + proxy_eps)      proxy_eps = 0.03
+
+The expectation and variance use the fixed quantiles ``q_i = Phi^-1((i + 1/2) / N)``, so
+``Y~_{c,i} = beta~_c + (1 + gamma~_c) q_i``; no sampling. The proxy statistics are computed in at
+least float32 (also for fp16/bf16 models) and gradients flow through them into all four parameters,
+as in the official Graphcore code (see shared/reference/papers.md section 2).
+
+Memory: BN -> ReLU -> Conv keeps two full tensors for backward (the BN input and the ReLU output,
+which is also the next convolution's input). A naive GroupNorm -> PN-Act keeps three. The fused
+:class:`torch.autograd.Function` here saves only its input ``x`` (through ``ctx.save_for_backward``,
+so saved-tensor hooks such as compression see it), the per-(sample, group) mean and 1/std and the
+parameters, and recomputes everything else in backward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from graphpass.errors import InputError
+
+__all__ = [
+    "ACTIVATIONS",
+    "NormRecord",
+    "ProxyNormAct",
+    "ScaledGroupNorm",
+    "proxy_norm_act",
+    "proxy_statistics",
+    "proxy_norm_param_groups",
+]
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS = ("relu", "relu6", "leaky_relu", "silu", "gelu", "hardswish", "mish", "identity")
+DEFAULT_NUM_POINTS = 200
+DEFAULT_PROXY_EPS = 0.03
+
+
+@dataclass(frozen=True)
+class NormRecord:
+    """What ``replace_batchnorm`` did at one node; stored in ``node.meta["graphpass.norm"]``."""
+
+    kind: str  # "gn+pn" (norm followed by an activation) or "scaled_gn" (no activation follows)
+    original: str  # class name of the replaced BatchNorm module
+    activation: str  # PN-Act's activation ("identity" for scaled_gn)
+    groups: int
+    num_channels: int
+    activation_node: str  # name of the activation node folded into PN-Act ("" if none)
+
+
+def _activation(h: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "relu6":
+        return F.relu6(h)
+    if activation == "leaky_relu":
+        return F.leaky_relu(h, negative_slope)
+    if activation == "silu":
+        return F.silu(h)
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "hardswish":
+        return F.hardswish(h)
+    if activation == "mish":
+        return F.mish(h)
+    return h
+
+
+def _quantiles(num_points: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Phi^-1((i + 1/2) / N); rebuilt on use (two tiny kernels) so ``model.half()`` cannot degrade it."""
+    i = torch.arange(num_points, device=device, dtype=dtype)
+    return torch.special.ndtri((i + 0.5) / num_points)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32: the official code computes proxy statistics and means in float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def proxy_statistics(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    proxy_weight: torch.Tensor,
+    proxy_bias: torch.Tensor,
+    *,
+    activation: str,
+    negative_slope: float = 0.01,
+    proxy_eps: float = DEFAULT_PROXY_EPS,
+    num_points: int = DEFAULT_NUM_POINTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(mu~, 1/sqrt(sigma~^2 + proxy_eps))`` of the proxy, differentiable, >= float32."""
+    dtype = _stats_dtype(weight.dtype)
+    q = _quantiles(num_points, weight.device, dtype)
+    proxy = proxy_bias.to(dtype)[:, None] + (1 + proxy_weight.to(dtype))[:, None] * q[None, :]
+    p = _activation(weight.to(dtype)[:, None] * proxy + bias.to(dtype)[:, None], activation, negative_slope)
+    var, mean = torch.var_mean(p, dim=1, correction=0)
+    return mean, torch.rsqrt(var + proxy_eps)
+
+
+def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _sizes(x: torch.Tensor) -> tuple[int, int, int]:
+    """(N, C, prod(spatial)) as the native group-norm kernels take them."""
+    if x.dim() < 2:
+        raise InputError(f"ProxyNormAct expects an input of shape (N, C, *), got {tuple(x.shape)}")
+    return x.shape[0], x.shape[1], math.prod(x.shape[2:])
+
+
+def _affine_from_stats(
+    mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, channels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(sample, channel) scale and shift with ``gamma * groupnorm(x) + beta == x * scale + shift``."""
+    n, groups = mean.shape
+    per_group = channels // groups
+    rstd_c = rstd.repeat_interleave(per_group, dim=1)
+    scale = rstd_c * weight
+    return scale, bias - mean.repeat_interleave(per_group, dim=1) * scale
+
+
+class _ProxyNormActFunction(torch.autograd.Function):
+    """GroupNorm (no affine) + affine + activation + proxy normalization in one autograd node.
+
+    Full-size passes: forward 3 (group norm with affine, activation, proxy normalization);
+    backward about 9, using PyTorch's native group-norm backward kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, proxy_weight, proxy_bias, groups, eps, activation, negative_slope, proxy_eps, num_points):  # type: ignore[override]
+        dtype = _stats_dtype(x.dtype)
+        n, c, hw = _sizes(x)
+        h, mean, rstd = torch.native_group_norm(x.to(dtype), weight.to(dtype), bias.to(dtype), n, c, hw, groups, eps)
+        mu, inv_std = proxy_statistics(
+            weight, bias, proxy_weight, proxy_bias,
+            activation=activation, negative_slope=negative_slope, proxy_eps=proxy_eps, num_points=num_points,
+        )
+        nd = x.dim()
+        out = torch.addcmul(_channel_view(-mu * inv_std, nd), _activation(h, activation, negative_slope), _channel_view(inv_std, nd))
+        # Only x and per-(sample, group) statistics: everything else is rebuilt in backward.
+        ctx.save_for_backward(x, mean, rstd, weight, bias, proxy_weight, proxy_bias)
+        ctx.config = (groups, activation, negative_slope, proxy_eps, num_points)
+        return out.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, mean, rstd, weight, bias, proxy_weight, proxy_bias = ctx.saved_tensors
+        groups, activation, negative_slope, proxy_eps, num_points = ctx.config
+        dtype = mean.dtype
+        n, c, hw = _sizes(x)
+        nd = x.dim()
+        reduce_dims = [0, *range(2, nd)]
+        xc = x.to(dtype)
+        g = grad_out.to(dtype)
+        w = weight.detach().to(dtype)
+        params = [t.detach().requires_grad_() for t in (weight, bias, proxy_weight, proxy_bias)]
+        with torch.enable_grad():
+            mu, inv_std = proxy_statistics(
+                *params, activation=activation, negative_slope=negative_slope, proxy_eps=proxy_eps, num_points=num_points
+            )
+        scale, shift = _affine_from_stats(mean, rstd, w, bias.detach().to(dtype), c)
+        h = torch.addcmul(shift.reshape(n, c, *(1,) * (nd - 2)), xc, scale.reshape(n, c, *(1,) * (nd - 2)))
+        h.requires_grad_()
+        with torch.enable_grad():
+            z = _activation(h, activation, negative_slope)
+        # torch's own activation backward gives dL/dh, so boundary conventions (ReLU at 0) match eager.
+        (grad_h,) = torch.autograd.grad(z, h, g * _channel_view(inv_std.detach(), nd))
+        grad_sum = g.sum(reduce_dims)
+        grad_inv_std = (g * z.detach()).sum(reduce_dims) - mu.detach() * grad_sum
+        grad_mu = -inv_std.detach() * grad_sum
+        del z, h, g
+        proxy_grads = torch.autograd.grad((mu, inv_std), params, (grad_mu, grad_inv_std))
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
+            grad_h, xc, mean, rstd, w, n, c, hw, groups, [True, True, True]
+        )
+        return (
+            grad_x.to(x.dtype),
+            (grad_weight + proxy_grads[0]).to(weight.dtype),
+            (grad_bias + proxy_grads[1]).to(bias.dtype),
+            proxy_grads[2].to(proxy_weight.dtype),
+            proxy_grads[3].to(proxy_bias.dtype),
+            None, None, None, None, None, None,
+        )
+
+
+def proxy_norm_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    proxy_weight: torch.Tensor,
+    proxy_bias: torch.Tensor,
+    *,
+    groups: int,
+    eps: float,
+    activation: str,
+    negative_slope: float = 0.01,
+    proxy_eps: float = DEFAULT_PROXY_EPS,
+    num_points: int = DEFAULT_NUM_POINTS,
+) -> torch.Tensor:
+    """Functional GroupNorm + PN-Act on ``x`` of shape (N, C, *); see the module docstring.
+
+    With autograd recording, runs the fused function (keeps only ``x``); otherwise the plain ops,
+    which exporters and inference see.
+    """
+    tensors = (x, weight, bias, proxy_weight, proxy_bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _ProxyNormActFunction.apply(
+            x, weight, bias, proxy_weight, proxy_bias, groups, eps, activation, negative_slope, proxy_eps, num_points
+        )
+    dtype = _stats_dtype(x.dtype)
+    mu, inv_std = proxy_statistics(
+        weight, bias, proxy_weight, proxy_bias,
+        activation=activation, negative_slope=negative_slope, proxy_eps=proxy_eps, num_points=num_points,
+    )
+    nd = x.dim()
+    h = F.group_norm(x.to(dtype), groups, weight.to(dtype), bias.to(dtype), eps)
+    z = _activation(h, activation, negative_slope)
+    return ((z - _channel_view(mu, nd)) * _channel_view(inv_std, nd)).to(x.dtype)
+
+
+# Re-tracing a rewritten model keeps PN-Act as one call instead of tracing into the autograd.Function.
+torch.fx.wrap("proxy_norm_act")
+
+
+def _check_groups(num_channels: int, groups: int, what: str) -> None:
+    if num_channels <= 0:
+        raise InputError(f"{what}: num_channels must be positive, got {num_channels}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0 or groups > num_channels:
+        raise InputError(f"{what}: groups must be an integer in 1..{num_channels} (the channel count), got {groups!r}")
+    if num_channels % groups:
+        raise InputError(f"{what}: groups={groups} does not divide num_channels={num_channels}")
+
+
+class ProxyNormAct(nn.Module):
+    """GroupNorm without affine (``groups=1`` is LayerNorm) followed by PN-Act, fused.
+
+    Args:
+        num_channels: channels C of the input (N, C, *).
+        groups: GroupNorm groups; must divide ``num_channels``.
+        eps: GroupNorm epsilon.
+        activation: one of :data:`ACTIVATIONS`.
+        negative_slope: slope for ``leaky_relu``.
+        proxy_eps: added to the proxy variance (0.03 in the official code).
+        num_points: quadrature points of the proxy distribution (200 in the official code).
+
+    Parameters ``weight`` (gamma, init 1), ``bias`` (beta, 0), ``proxy_weight`` (gamma~, 0) and
+    ``proxy_bias`` (beta~, 0), each of shape (C,). Training and evaluation compute the same
+    function; nothing depends on the batch. Give the proxy parameters weight decay with
+    :func:`proxy_norm_param_groups`.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        groups: int = 8,
+        *,
+        eps: float = 1e-5,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+        proxy_eps: float = DEFAULT_PROXY_EPS,
+        num_points: int = DEFAULT_NUM_POINTS,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_groups(num_channels, groups, "ProxyNormAct")
+        if activation not in ACTIVATIONS:
+            raise InputError(f"ProxyNormAct: activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+        if num_points <= 1:
+            raise InputError(f"ProxyNormAct: num_points must be at least 2, got {num_points}")
+        self.num_channels = num_channels
+        self.groups = groups
+        self.eps = eps
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self.proxy_eps = proxy_eps
+        self.num_points = num_points
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(num_channels, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_channels, **factory))
+        self.proxy_weight = nn.Parameter(torch.zeros(num_channels, **factory))
+        self.proxy_bias = nn.Parameter(torch.zeros(num_channels, **factory))
+
+    def proxy_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu~, 1/sqrt(sigma~^2 + proxy_eps))`` per channel, in at least float32."""
+        return proxy_statistics(
+            self.weight, self.bias, self.proxy_weight, self.proxy_bias,
+            activation=self.activation, negative_slope=self.negative_slope,
+            proxy_eps=self.proxy_eps, num_points=self.num_points,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return proxy_norm_act(
+            x, self.weight, self.bias, self.proxy_weight, self.proxy_bias,
+            groups=self.groups, eps=self.eps, activation=self.activation, negative_slope=self.negative_slope,
+            proxy_eps=self.proxy_eps, num_points=self.num_points,
+        )
+
+    def extra_repr(self) -> str:
+        slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
+        return (
+            f"{self.num_channels}, groups={self.groups}, eps={self.eps}, activation={self.activation}{slope}, "
+            f"proxy_eps={self.proxy_eps}, num_points={self.num_points}"
+        )
+
+
+class ScaledGroupNorm(nn.Module):
+    """GroupNorm with a per-channel scale and no shift: a BatchNorm that no activation follows.
+
+    As in the official code, PN cannot apply without an activation, and dropping the shift
+    reduces the "denormalisation" of the residual branch.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        groups: int = 8,
+        *,
+        eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_groups(num_channels, groups, "ScaledGroupNorm")
+        self.num_channels = num_channels
+        self.groups = groups
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.groups, self.weight, None, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, groups={self.groups}, eps={self.eps}"
+
+
+def _unique(params: Iterator[nn.Parameter], seen: set[int]) -> list[nn.Parameter]:
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def proxy_norm_param_groups(model: nn.Module, weight_decay: float, *, other_weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer parameter groups with weight decay on the proxy parameters gamma~, beta~.
+
+    Returns up to three groups, empty ones left out: every ProxyNormAct's ``proxy_weight`` and
+    ``proxy_bias`` with ``weight_decay`` (it pulls the proxy towards N(0, 1)); the PN-Act and
+    ScaledGroupNorm affine parameters with no decay, as in the official code; all other
+    parameters with ``other_weight_decay`` (0 by default; the official ImageNet recipe decays the
+    convolution weights too, so pass the same value there to reproduce it). Works on any module,
+    GraphModules from ``gp.transform`` included::
+
+        opt = torch.optim.SGD(gp.proxy_norm_param_groups(gm, 5e-5), lr=0.1, momentum=0.9)
+    """
+    if weight_decay < 0 or other_weight_decay < 0:
+        raise InputError(f"weight decay must be >= 0, got {weight_decay} and other_weight_decay={other_weight_decay}")
+    seen: set[int] = set()
+    proxy: list[nn.Parameter] = []
+    affine: list[nn.Parameter] = []
+    for m in model.modules():
+        if isinstance(m, ProxyNormAct):
+            proxy += _unique(iter((m.proxy_weight, m.proxy_bias)), seen)
+            affine += _unique(iter((m.weight, m.bias)), seen)
+        elif isinstance(m, ScaledGroupNorm):
+            affine += _unique(iter((m.weight,)), seen)
+    if not proxy:
+        log.info("proxy_norm_param_groups: %s has no ProxyNormAct; no parameter gets proxy weight decay", type(model).__name__)
+    other = _unique(model.parameters(), seen)
+    groups = [
+        {"params": proxy, "weight_decay": weight_decay},
+        {"params": affine, "weight_decay": 0.0},
+        {"params": other, "weight_decay": other_weight_decay},
+    ]
+    return [g for g in groups if g["params"]]
