@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.fx
 from torch import nn
 
@@ -105,7 +106,7 @@ def plan_command(args: argparse.Namespace) -> int:
         chart_tmps = [stack.enter_context(atomic_output(p, suffixes=(s,))) for p, s in charts]
         description = f"{args.model} batch {args.batch} {args.image}px"
         _progress(f"loading {args.model}")
-        model = load_model(args.model)
+        model = _load(args.model, meta=not args.measure and args.bits is None and args.norm == "keep")
         inputs = make_inputs(args.batch, args.image, device="meta")
         _progress(f"planning {description} (bits={args.bits}, norm={args.norm})")
         result = plan(model, inputs, bits=args.bits, norm=args.norm, groups=args.groups, description=description)
@@ -127,6 +128,17 @@ def plan_command(args: argparse.Namespace) -> int:
         if path:
             _progress(f"wrote {Path(path)}")
     return 0
+
+
+def _load(spec: str, *, meta: bool) -> nn.Module:
+    """Build the model; on the meta device (no weight initialisation) when nothing needs real weights."""
+    if meta:
+        try:
+            with torch.device("meta"):
+                return load_model(spec)
+        except Exception as e:  # an initialiser that reads tensor data; the real build reports real errors
+            log.info("building %s on the meta device failed (%s); building it on the CPU", spec, e)
+    return load_model(spec)
 
 
 def _measure(model: nn.Module, args: argparse.Namespace, result: MemoryPlan) -> int:
