@@ -215,16 +215,36 @@ def _block_offsets(BITS: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     return block, byte, lane, byte[:, None] * PER + lane[None, :]
 
 
-@triton.jit
-def _channel_of(offs, channels, inner, INNER_IS_ONE: tl.constexpr):
-    if INNER_IS_ONE:  # channels_last: the channel is the fastest-moving index
-        return offs % channels
-    return (offs // inner) % channels
+def _magic(d: int) -> tuple[int, int]:
+    """(m, s) with floor(n / d) == umulhi(2n, m) >> s for 0 <= n < 2**31: m = ceil(2**(31+s) / d),
+    s = ceil(log2 d). The error of n*m / 2**(31+s) against n / d is below 1/d, so the floor is exact."""
+    s = (d - 1).bit_length()
+    return -(-(1 << (31 + s)) // d), s
 
 
 @triton.jit
+def _floordiv(n, magic, shift):
+    # Integer division by a runtime divisor costs dozens of instructions per element; this costs three.
+    a = (n << 1).to(tl.uint32, bitcast=True)
+    return (tl.umulhi(a, magic.to(tl.uint32)) >> shift.to(tl.uint32)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _channel_of(offs, channels, inner, ch_magic, ch_shift, in_magic, in_shift, WIDE: tl.constexpr, INNER_IS_ONE: tl.constexpr):
+    if WIDE:
+        return (offs // inner) % channels
+    q = offs
+    if not INNER_IS_ONE:  # channels_last: the channel is the fastest-moving index
+        q = _floordiv(offs, in_magic, in_shift)
+    return q - _floordiv(q, ch_magic, ch_shift) * channels
+
+
+_DIVISORS = ["ch_magic", "ch_shift", "in_magic", "in_shift"]  # runtime values: no recompiles per shape
+
+
+@triton.jit(do_not_specialize=_DIVISORS)
 def _anchored_pack_kernel(
-    x_ptr, codes_ptr, flags_ptr, table_ptr, numel, channels, inner, seed,
+    x_ptr, codes_ptr, flags_ptr, table_ptr, numel, channels, inner, ch_magic, ch_shift, in_magic, in_shift, seed,
     BITS: tl.constexpr, BLOCK: tl.constexpr, STOCHASTIC: tl.constexpr, WIDE: tl.constexpr,
     INNER_IS_ONE: tl.constexpr,
 ):  # fmt: skip
@@ -233,7 +253,7 @@ def _anchored_pack_kernel(
     block, byte, lane, offs = _block_offsets(BITS, BLOCK, WIDE)
     valid = offs < numel
     x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    row = _channel_of(offs, channels, inner, INNER_IS_ONE) * 3
+    row = _channel_of(offs, channels, inner, ch_magic, ch_shift, in_magic, in_shift, WIDE, INNER_IS_ONE) * 3
     inv = tl.load(table_ptr + row + 1)
     finite = (x == x) & (tl.abs(x) < float("inf"))
     flagged = tl.max(tl.max(tl.where(finite, 0, 1), axis=1), axis=0) > 0
@@ -254,9 +274,9 @@ def _anchored_pack_kernel(
     tl.store(flags_ptr + block, flagged.to(tl.uint8))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DIVISORS)
 def _anchored_unpack_kernel(
-    codes_ptr, flags_ptr, table_ptr, out_ptr, numel, channels, inner,
+    codes_ptr, flags_ptr, table_ptr, out_ptr, numel, channels, inner, ch_magic, ch_shift, in_magic, in_shift,
     BITS: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr, INNER_IS_ONE: tl.constexpr,
 ):  # fmt: skip
     PER: tl.constexpr = 8 // BITS
@@ -265,7 +285,7 @@ def _anchored_unpack_kernel(
     valid = offs < numel
     packed = tl.load(codes_ptr + byte, mask=byte * PER < numel, other=0)
     code = (packed.to(tl.int32)[:, None] >> (lane * BITS)[None, :]) & (N - 1)
-    row = _channel_of(offs, channels, inner, INNER_IS_ONE) * 3
+    row = _channel_of(offs, channels, inner, ch_magic, ch_shift, in_magic, in_shift, WIDE, INNER_IS_ONE) * 3
     flagged = tl.load(flags_ptr + block) != 0
     shift, _, _ = _anchored_flagged_grid(flagged, tl.load(table_ptr + row + 2), N)
     value = ((code.to(tl.float32) - shift) + 0.5) * tl.load(table_ptr + row)
@@ -291,7 +311,7 @@ def anchored_pack(flat, bits: int, grid, channels: int, inner: int, stochastic: 
     codes = torch.empty(triton.cdiv(numel, 8 // bits), dtype=torch.uint8, device=flat.device)
     flags = torch.empty(blocks, dtype=torch.uint8, device=flat.device)
     _anchored_pack_kernel[(blocks,)](
-        flat, codes, flags, grid, numel, channels, inner,
+        flat, codes, flags, grid, numel, channels, inner, *_magic(channels), *_magic(inner),
         _seed() if stochastic else 0,
         BITS=bits, BLOCK=FLAG_BLOCK, STOCHASTIC=stochastic, WIDE=_wide(numel), INNER_IS_ONE=inner == 1,
         num_warps=_NUM_WARPS,
@@ -302,7 +322,7 @@ def anchored_pack(flat, bits: int, grid, channels: int, inner: int, stochastic: 
 def anchored_unpack(codes, flags, grid, bits: int, channels: int, inner: int, numel: int, dtype) -> torch.Tensor:
     out = torch.empty(numel, dtype=dtype, device=codes.device)
     _anchored_unpack_kernel[(flags.numel(),)](
-        codes, flags, grid, out, numel, channels, inner,
+        codes, flags, grid, out, numel, channels, inner, *_magic(channels), *_magic(inner),
         BITS=bits, BLOCK=FLAG_BLOCK, WIDE=_wide(numel), INNER_IS_ONE=inner == 1, num_warps=_NUM_WARPS,
     )  # fmt: skip
     return out

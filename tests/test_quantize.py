@@ -305,6 +305,23 @@ def _assert_same_values(a, b):
     assert torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
+@pytest.mark.skipif(not triton_available(), reason="triton cannot be imported here")
+def test_channel_index_division_is_exact_over_int32():
+    """The kernels find an element's channel with multiply-high division; emulate it in Python."""
+    import random
+
+    from graphpass.triton_kernels import _magic
+
+    rng = random.Random(0)
+    for d in [*range(1, 200), 3136, 50176, 2**20 + 1, 2**30 - 1, 2**31 - 1]:
+        m, s = _magic(d)
+        assert 0 < m < 2**32
+        top = (2**31 - 1) // d * d
+        for n in [0, 1, d - 1, d, d + 1, top - 1, top, 2**31 - 1, *(rng.randrange(2**31) for _ in range(50))]:
+            if n >= 0:
+                assert ((2 * n * m) >> 32) >> s == n // d, (n, d)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", [4, 64])
