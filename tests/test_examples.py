@@ -1,0 +1,79 @@
+"""Smoke runs of the examples and of `graphpass bench` on tiny settings (CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from graphpass.cli import main as graphpass_main
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def run_example(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_train_digits_compares_methods_on_real_digits(tmp_path):
+    out = tmp_path / "digits.json"
+    proc = run_example(
+        str(EXAMPLES / "train_digits.py"), "--methods", "exact,2bit,gn+pn", "--seeds", "1", "--epochs", "1",
+        "--limit", "96", "--batch", "32", "--width", "8", "--threads", "1", "--json", str(out),
+    )  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert list(doc["results"]) == ["exact", "2bit", "gn+pn"]
+    assert doc["train_samples"] == 96 and doc["test_samples"] == 96
+    for r in doc["results"].values():
+        assert len(r["accuracy"]) == 1 and 0.0 <= r["mean"] <= 100.0
+    assert "vs exact" in proc.stdout and "gn+pn" in proc.stdout
+
+
+def test_train_imagefolder_on_a_generated_folder_of_pngs(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(("red", "green", "blue")):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = torch.randint(0, 60, (12, 10, 3), generator=g, dtype=torch.uint8)
+            pixels[..., c] += 150
+            Image.fromarray(pixels.numpy()).save(tmp_path / "data" / name / f"{i}.png")
+    proc = run_example(
+        str(EXAMPLES / "train_imagefolder.py"), str(tmp_path / "data"), "--image", "16", "--batch", "4",
+        "--epochs", "1", "--seeds", "1", "--methods", "exact,4bit", "--threads", "1",
+    )  # fmt: skip
+    assert "ImageFolder" in proc.stdout and "(3 classes)" in proc.stdout
+    assert "4bit" in proc.stdout
+
+
+def test_ddp_example_runs_under_torchrun_with_gloo():
+    proc = run_example(
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(EXAMPLES / "ddp_train.py"), "--epochs", "1", "--limit", "64", "--batch", "8", "--bits", "4",
+    )  # fmt: skip
+    assert "test accuracy" in proc.stdout and "2 ranks" in proc.stdout
+
+
+def test_graphpass_bench_on_resnet18_cpu(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = graphpass_main(
+        ["bench", "torchvision:resnet18", "--batch", "2", "--image", "32", "--steps", "2", "--device", "cpu",
+         "--json", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    doc = json.loads(out.read_text())
+    methods = [r["method"] for r in doc["runs"]]
+    assert methods == ["plain", "checkpoint", "graphpass-4bit", "graphpass-4bit+gn+pn"]
+    assert all(r["error"] is None and r["peak_bytes"] > 0 and r["step_ms"] > 0 for r in doc["runs"])
+    assert "graphpass-4bit+gn+pn" in capsys.readouterr().out
