@@ -67,8 +67,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STATE_NAME = "graphpass_compression"  # attribute of the GraphModule holding its CompressionState
-ACTIVATIONS = ("relu", "relu6", "leaky_relu", "silu", "gelu", "hardswish", "none")
-NORMS = ("batch_norm", "group_norm")
+ACTIVATIONS = ("relu", "relu6", "leaky_relu", "silu", "gelu", "hardswish", "mish", "none")
+NORMS = ("batch_norm", "group_norm", "proxy_norm")
 MIN_PACKED_NUMEL = 4096  # smaller saved tensors are not worth a kernel launch
 MAX_STATISTIC_NUMEL = 1 << 16  # saved tensors without autograd history up to this size (norm
 # statistics, per-token means) stay exact: backward formulas divide by them
@@ -173,13 +173,16 @@ def quantize_layer(
     activation: str,
     negative_slope: float = 0.01,
     approximate: str = "none",
+    proxy: tuple | None = None,
 ) -> torch.Tensor:
-    """Keep one ``bits``-bit copy of layer ``layer`` (norm output ``y``, before its activation)."""
+    """Keep one ``bits``-bit copy of layer ``layer``: ``y`` is the norm's output before its
+    activation, or for ``norm="proxy_norm"`` the output of ProxyNormAct, whose activation and proxy
+    normalization are rebuilt from ``proxy = (proxy_weight, proxy_bias, proxy_eps, num_points)``."""
     session = state.session
     if session is not None:
         session.quantize_layer(
             layer, y, weight, bias, bits=bits, norm=norm,
-            activation=_Activation(activation, negative_slope, approximate),
+            activation=_Activation(activation, negative_slope, approximate), proxy=proxy,
         )  # fmt: skip
     return y
 
@@ -269,6 +272,8 @@ class _Activation:
             return F.gelu(v, approximate=self.approximate)
         if self.name == "hardswish":
             return F.hardswish(v)
+        if self.name == "mish":
+            return F.mish(v)
         return v
 
 
@@ -286,10 +291,14 @@ class _Layer:
         self.other_role = ""  # the role rebuilt by the affine map from the stored one
         self.scale: torch.Tensor | None = None
         self.shift: torch.Tensor | None = None
+        self.post_scale: torch.Tensor | None = None  # Proxy Norm: activation -> (act - mu~) * inv_std~
+        self.post_shift: torch.Tensor | None = None
         self.fallback: dict[str, Any] = {}  # role -> generic handle, when layer mode did not apply
         self.cache: tuple[str, torch.Tensor] | None = None  # the last rebuilt non-input role
 
     def rebuild(self, role: str, dtype: torch.dtype) -> torch.Tensor:
+        if self.input is not None and role == "input":  # read during quantize_layer, before packing
+            return self.input
         if role in self.fallback:
             return _unpack(self.fallback[role])
         if self.cache is not None and self.cache[0] == role and self.cache[1].dtype == dtype:
@@ -298,6 +307,8 @@ class _Layer:
         v = stored.float()
         if role == "activation":
             v = self.activation(v)
+            if self.post_scale is not None:
+                v = torch.addcmul(self.post_shift, v, self.post_scale)
         elif role == self.other_role:
             v = torch.addcmul(self.shift, v, self.scale)
         out = v.to(dtype)
@@ -319,8 +330,11 @@ def _norm_statistics(y: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Te
     if node is None or y.dim() < 2:
         return None
     try:
-        mean, rstd = node._saved_result1, node._saved_result2
-    except (AttributeError, RuntimeError):
+        if norm == "proxy_norm":  # ProxyNormAct's function saves (x, mean, rstd, parameters...)
+            mean, rstd = node.saved_tensors[1:3]
+        else:
+            mean, rstd = node._saved_result1, node._saved_result2
+    except (AttributeError, RuntimeError, ValueError):
         return None
     if not getattr(node, "_saved_training", True):
         return None
@@ -386,24 +400,27 @@ class _Session:
 
     def quantize_layer(
         self, index: int, y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-        *, bits: int, norm: str, activation: _Activation,
+        *, bits: int, norm: str, activation: _Activation, proxy: tuple | None = None,
     ) -> None:  # fmt: skip
         layer = self.layers.get(index)
         if layer is None or layer.input is None:
             return
+        stats = _norm_statistics(y, norm) if layer.input.shape == y.shape else None
         x, layer.input = layer.input, None
-        stats = _norm_statistics(y, norm) if x.shape == y.shape else None
         if stats is None:
             log.debug("layer %d: norm statistics unavailable; its tensors are stored per tensor", index)
             self._fall_back(layer, x)
             return
         with torch.no_grad():
-            self._fill_layer(layer, x, y, weight, bias, stats, bits=bits, norm=norm, activation=activation)
+            self._fill_layer(layer, x, y, weight, bias, stats, bits=bits, norm=norm, activation=activation, proxy=proxy)
+        if norm == "proxy_norm":  # y is already the activation output
+            self._register(y, _LayerRef(layer, "activation", y.dtype))
+            return
         self._register(y, _LayerRef(layer, "output", y.dtype))
         if activation.name != "none":
             self.awaiting[y.grad_fn] = layer
 
-    def _fill_layer(self, layer, x, y, weight, bias, stats, *, bits, norm, activation) -> None:
+    def _fill_layer(self, layer, x, y, weight, bias, stats, *, bits, norm, activation, proxy) -> None:
         mean, rstd = stats
         gamma, beta = _affine_params(weight, bias, y.shape[1], y)
         layer.activation = activation
@@ -412,24 +429,40 @@ class _Session:
         else:
             mean_b, rstd_b = _per_sample_channel(mean, y), _per_sample_channel(rstd, y)
         gamma_b, beta_b = _channel(gamma, y), _channel(beta, y)
-        if activation.name != "none":
-            # Store y on a grid anchored at 0 (exact activation sign); x = (y - beta) / gamma / rstd + mean.
+        # The map from x to the norm's affine output h = (x - mean) * rstd * gamma + beta.
+        h_scale = gamma_b * rstd_b
+        h_shift = beta_b - mean_b * h_scale
+        if norm == "proxy_norm":
+            # ProxyNormAct keeps h inside its fused function: materialise it once to store it.
+            from graphpass.proxy_norm import proxy_statistics
+
+            proxy_weight, proxy_bias, proxy_eps, num_points = proxy
+            mu, inv_std = proxy_statistics(
+                gamma, beta, proxy_weight.detach().float(), proxy_bias.detach().float(), activation=activation.name,
+                negative_slope=activation.negative_slope, proxy_eps=proxy_eps, num_points=num_points,
+            )  # fmt: skip
+            layer.post_scale = _channel(inv_std, y)
+            layer.post_shift = -_channel(mu * inv_std, y)
+            layer.activation = _Activation(activation.name if activation.name != "identity" else "none", activation.negative_slope)
+        if activation.name not in ("none", "identity") or norm == "proxy_norm":
+            # Store h on a grid anchored at 0 (exact activation sign); x = (h - beta) / gamma / rstd + mean.
             inv_gamma = torch.where(gamma.abs() > _TINY_GAMMA, 1.0 / gamma, torch.zeros_like(gamma))
             layer.stored_role, layer.other_role = "output", "input"
             layer.scale = _channel(inv_gamma, y) / rstd_b
             layer.shift = mean_b - beta_b * layer.scale
-            target, grid_mean, grid_std = y, beta, gamma.abs()
+            target = torch.addcmul(h_shift, x, h_scale) if norm == "proxy_norm" else y
+            grid_mean, grid_std = beta, gamma.abs()  # BatchNorm makes these y's channel statistics
         else:
             # Store x (a zero-initialised gamma cannot lose it); y = (x - mean) * rstd * gamma + beta.
             layer.stored_role, layer.other_role = "input", "output"
-            layer.scale = gamma_b * rstd_b
-            layer.shift = beta_b - mean_b * layer.scale
+            layer.scale, layer.shift = h_scale, h_shift
             target = x
-            if norm == "batch_norm":
-                grid_mean, grid_std = mean, 1.0 / rstd
-            else:  # per-channel window from the per-(sample, group) statistics
-                grid_mean = _per_sample_channel(mean, y).flatten(1).mean(0)
-                grid_std = (1.0 / _per_sample_channel(rstd, y).flatten(1) ** 2).mean(0).sqrt()
+            grid_mean, grid_std = mean, 1.0 / rstd
+        if norm != "batch_norm":
+            # Group statistics say little about single channels: measure them (one extra read).
+            dims = [0, *range(2, target.dim())]
+            var, grid_mean = torch.var_mean(target, dim=dims, correction=0)
+            grid_mean, grid_std = grid_mean.float(), var.float().sqrt()
         if self.bits is None:
             layer.stored = target.detach().clone()
             layer.format = "exact-layer"

@@ -18,7 +18,8 @@ Conv -> Norm -> Act layer, and per-group K-bit copies, 1-bit masks or exact copi
 else autograd saves between ``compress_saved`` and ``compress_saved_end``.
 
 Layers: a norm node (BatchNorm1d/2d/3d or SyncBatchNorm module, GroupNorm module, ScaledGroupNorm,
-``F.batch_norm``, ``F.group_norm``) and, when the norm's output feeds only it, one activation:
+``F.batch_norm``, ``F.group_norm``; or a ProxyNormAct module, whose activation is inside it, stored as
+its normalized pre-activation) and, when the norm's output feeds only it, one activation:
 ReLU, ReLU6, LeakyReLU, SiLU, GELU or Hardswish as a module, a functional, a Tensor method or an
 in-place form. Any other user means activation "none". A norm that turns out not to be in
 training mode at run time (a frozen BatchNorm) is compressed per tensor instead.
@@ -43,7 +44,8 @@ from graphpass.errors import InputError
 from graphpass.ir import copy_meta, module_of
 from graphpass.meta import META_FROM_PASS, META_QUANT, META_SAVED, set_meta
 from graphpass.pass_base import PassKind, PassResult, graph_pass
-from graphpass.proxy_norm import ScaledGroupNorm
+from graphpass import proxy_norm
+from graphpass.proxy_norm import ProxyNormAct, ScaledGroupNorm
 from graphpass.quantize import SUPPORTED_BITS
 
 __all__ = ["insert_quantize_on_save"]
@@ -90,6 +92,8 @@ def _norm_of(gm: torch.fx.GraphModule, node: torch.fx.Node):
             kind = "batch_norm"
         elif isinstance(module, (nn.GroupNorm, ScaledGroupNorm)):
             kind = "group_norm"
+        elif isinstance(module, ProxyNormAct):
+            kind = "proxy_norm"
         else:
             return None
         return kind, _arg(node, 0, "input"), "module", "module"
@@ -97,7 +101,28 @@ def _norm_of(gm: torch.fx.GraphModule, node: torch.fx.Node):
         return "batch_norm", _arg(node, 0, "input"), _arg(node, 3, "weight"), _arg(node, 4, "bias")
     if node.op == "call_function" and node.target is F.group_norm:
         return "group_norm", _arg(node, 0, "input"), _arg(node, 2, "weight"), _arg(node, 3, "bias")
+    if node.op == "call_function" and node.target is proxy_norm.proxy_norm_act:
+        return "proxy_norm", _arg(node, 0, "x"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
     return None
+
+
+def _proxy_norm_activation(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict:
+    """Activation and proxy arguments of a ProxyNormAct module or ``proxy_norm_act`` call."""
+    if node.op == "call_module":
+        pna = gm.get_submodule(str(node.target))
+        name, slope, eps, points = pna.activation, pna.negative_slope, pna.proxy_eps, pna.num_points
+        proxy = (_param_node(gm, node, "module", "proxy_weight"), _param_node(gm, node, "module", "proxy_bias"))
+    else:
+        name = node.kwargs.get("activation")
+        slope = node.kwargs.get("negative_slope", 0.01)
+        eps = node.kwargs.get("proxy_eps", proxy_norm.DEFAULT_PROXY_EPS)
+        points = node.kwargs.get("num_points", proxy_norm.DEFAULT_NUM_POINTS)
+        proxy = (_arg(node, 3, "proxy_weight"), _arg(node, 4, "proxy_bias"))
+    act = {"activation": "none" if name == "identity" else name}
+    if name == "leaky_relu":
+        act["negative_slope"] = float(slope)
+    act["proxy"] = (*proxy, float(eps), int(points))
+    return act
 
 
 def _activation_of(gm: torch.fx.GraphModule, norm: torch.fx.Node) -> dict:
@@ -189,15 +214,16 @@ def insert_quantize_on_save(gm: torch.fx.GraphModule, *, bits: int, rounding: st
 
     activations: dict[str, int] = {}
     for index, (norm, (kind, source, weight, bias)) in enumerate(norms):
-        act = _activation_of(gm, norm)
         weight_node = _param_node(gm, norm, weight, "weight")
         bias_node = _param_node(gm, norm, bias, "bias")
+        # ProxyNormAct's activation is inside it.
+        act = _proxy_norm_activation(gm, norm) if kind == "proxy_norm" else _activation_of(gm, norm)
         with graph.inserting_before(norm):
             fmt = runtime.QuantFormat("layer_input", bits, "", rounding, index, kind, act["activation"])
             mark = _add_point(graph, source, runtime.layer_input, (source, state), {"layer": index}, fmt, "layer_input")
         norm.replace_input_with(source, mark)
         with graph.inserting_after(norm):
-            stored = "norm_input" if act["activation"] == "none" else "pre_activation"
+            stored = "norm_input" if act["activation"] == "none" and kind != "proxy_norm" else "pre_activation"
             fmt = runtime.QuantFormat("layer", bits, "anchored", rounding, index, kind, act["activation"], stored)
             kwargs = {"layer": index, "bits": bits, "norm": kind, **act}
             point = _add_point(graph, norm, runtime.quantize_layer, (norm, state, weight_node, bias_node), kwargs, fmt, "quantize_layer")
