@@ -163,6 +163,38 @@ def _is_compression_node(node: torch.fx.Node) -> bool:
     return is_compression_node(node)
 
 
+# Functions fx records as calls with the trace-time ``training`` flag baked in (torchvision wraps
+# stochastic_depth with torch.fx.wrap), so eval() does not switch them off; at inference they are
+# the identity on their first argument.
+_TRAINING_ONLY_FUNCTIONS = frozenset(
+    {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout}
+)
+_RANDOM_FUNCTIONS = frozenset({torch.bernoulli, torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.normal, torch.multinomial})
+_RANDOM_METHODS = frozenset({"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "geometric_"})
+
+
+def _is_training_only(node: torch.fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target in _TRAINING_ONLY_FUNCTIONS:
+        return True
+    return getattr(node.target, "__module__", "") == "torchvision.ops.stochastic_depth"
+
+
+def _check_deterministic(gm: torch.fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        random = (node.op == "call_function" and node.target in _RANDOM_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _RANDOM_METHODS
+        )
+        if random:
+            module = node.meta.get("graphpass.module", "")
+            raise ExportError(
+                f"node {node.name} in module {module!r} draws random numbers, so the inference graph is not "
+                "deterministic: fx traced a training-only branch (drop path, noise); trace that module as a leaf "
+                "(leaf_modules=[...]) so eval() switches it off"
+            )
+
+
 @dataclass
 class LoweringStats:
     """What the inference lowering changed."""
@@ -170,26 +202,38 @@ class LoweringStats:
     compression_points_removed: int = 0
     proxy_norms_folded: int = 0
     scaled_group_norms_lowered: int = 0
+    training_only_ops_removed: int = 0  # dropout / stochastic depth recorded with training=True
     group_norms: int = 0  # GroupNorm layers in the lowered module (decides the expected ONNX form)
 
 
-def lower_for_inference(model: nn.Module) -> tuple[nn.Module, LoweringStats]:
-    """Return an eval-mode copy of ``model`` with only inference-exportable modules, and what changed."""
+def lower_for_inference(model: nn.Module, *, fold_norms: bool = True) -> tuple[nn.Module, LoweringStats]:
+    """Return an eval-mode copy of ``model`` with only inference-exportable modules, and what changed.
+
+    Compression points and training-only calls (dropout, stochastic depth) always go; with
+    ``fold_norms=False`` the Proxy Norm modules stay, which gives the PyTorch reference output.
+    """
     model = copy.deepcopy(model).eval()
     stats = LoweringStats()
     if isinstance(model, torch.fx.GraphModule):
+        changed = False
         for node in list(model.graph.nodes):
             if _is_compression_node(node):
-                node.replace_all_uses_with(node.args[0])
-                model.graph.erase_node(node)
                 stats.compression_points_removed += 1
-        if stats.compression_points_removed:
+            elif _is_training_only(node):
+                stats.training_only_ops_removed += 1
+            else:
+                continue
+            node.replace_all_uses_with(node.args[0])
+            model.graph.erase_node(node)
+            changed = True
+        if changed:
             # their state arguments (get_attr of the compression state) are now unused
             model.graph.eliminate_dead_code()
             model.delete_all_unused_submodules()
             model.graph.lint()
             model.recompile()
-    lowerings = _norm_lowerings()
+        _check_deterministic(model)
+    lowerings = _norm_lowerings() if fold_norms else {}
     for name, module in list(model.named_modules()):
         if type(module) not in lowerings:
             continue
@@ -330,7 +374,9 @@ def _export_proto(module: nn.Module, inputs: tuple, opset: int, exporter: str, w
     with tempfile.TemporaryDirectory(prefix="graphpass-onnx-") as scratch:
         raw = Path(scratch) / "model.onnx"
         try:
-            with _quiet(), torch.no_grad():
+            # grad stays enabled: under no_grad, eval-mode nn.MultiheadAttention takes its fused
+            # fast path (aten::_native_multi_head_attention), which the TorchScript exporter lacks
+            with _quiet():
                 (_export_dynamo if exporter == "dynamo" else _export_torchscript)(module, inputs, raw, opset)
         except GraphpassError:
             raise
@@ -407,14 +453,15 @@ def _real_inputs(inputs: Sequence[Any], batch: int) -> tuple:
     return tuple(out)
 
 
-def _compare(session: Any, reference: nn.Module, inputs: tuple) -> tuple[float, float]:
+def _compare(session: Any, reference: nn.Module, inputs: tuple) -> tuple[float, float, float]:
+    """(max abs error, max normwise relative error, largest |reference output|) over all outputs."""
     with torch.no_grad():
         expected = _flatten(reference(*inputs))
     feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), [x for x in inputs if isinstance(x, torch.Tensor)])}
     got = session.run(None, feed)
     if len(got) != len(expected):
         raise ExportError(f"onnxruntime returned {len(got)} outputs, PyTorch {len(expected)}")
-    max_abs = max_rel = 0.0
+    max_abs = max_rel = largest = 0.0
     for g, e in zip(got, expected):
         e = e.detach().float()
         g = torch.from_numpy(g).float()
@@ -424,7 +471,8 @@ def _compare(session: Any, reference: nn.Module, inputs: tuple) -> tuple[float, 
         scale = e.abs().max().item() if e.numel() else 0.0
         max_abs = max(max_abs, err)
         max_rel = max(max_rel, err / scale if scale > 0 else err)
-    return max_abs, max_rel
+        largest = max(largest, scale)
+    return max_abs, max_rel, largest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,6 +491,7 @@ class ExportReport:
     max_abs_error: float
     max_rel_error: float
     checked_batches: tuple[int, ...]
+    output_nonzero: bool  # False: PyTorch's output was all zeros, so the comparison proved nothing
     group_norm_form: str  # "GroupNormalization", "decomposed" or "none"
     lowering: LoweringStats
     op_counts: dict[str, int] = field(default_factory=dict)
@@ -456,6 +505,7 @@ class ExportReport:
             f"{self.lowering.proxy_norms_folded} Proxy Norms folded; onnxruntime vs PyTorch at batch "
             f"{'/'.join(map(str, self.checked_batches))}: max abs {self.max_abs_error:.2e}, "
             f"max rel {self.max_rel_error:.2e}"
+            + ("" if self.output_nonzero else " (VACUOUS: the PyTorch output is identically zero)")
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -534,7 +584,7 @@ def export_onnx(
             # the norm modules stay calls, so the lowering can swap them for their inference form
             model = trace(copy.deepcopy(model), leaf_modules=tuple(_norm_lowerings()))
         lowered, stats = lower_for_inference(model)
-        reference = copy.deepcopy(model).eval()
+        reference, _ = lower_for_inference(model, fold_norms=False)
         batch = max(2, int(tensors[0].shape[0]))  # batch 1 would be specialised by torch.export
         export_inputs = _real_inputs(inputs, batch)
         proto = _export_proto(lowered, export_inputs, opset, exporter, type(gm_or_model).__name__)
@@ -548,18 +598,27 @@ def export_onnx(
         except Exception as e:
             raise ExportError(f"onnx.checker rejects the exported model (opset {opset}): {e}") from e
         session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-        max_abs = max_rel = 0.0
+        max_abs = max_rel = largest = 0.0
         checked = (batch, batch + 1)
         for b in checked:
-            a, r = _compare(session, reference, _real_inputs(inputs, b))
-            max_abs, max_rel = max(max_abs, a), max(max_rel, r)
+            a, r, m = _compare(session, reference, _real_inputs(inputs, b))
+            max_abs, max_rel, largest = max(max_abs, a), max(max_rel, r), max(largest, m)
+        # an output that is zero for every input (an untrained zero-initialised head, as in
+        # torchvision's ViT) matches anything that is also zero: say so rather than claim a check
+        verified = largest > 0
+        if not verified:
+            log.warning(
+                "the onnxruntime comparison of %s is vacuous: PyTorch's output is identically zero on random "
+                "inputs (zero-initialised head?); export a trained model to check the numerics", path
+            )
         if not max_rel <= rtol:
             raise ExportError(
                 f"onnxruntime output differs from PyTorch's eval output: max relative error {max_rel:.3e} "
                 f"(max abs {max_abs:.3e}) exceeds {rtol:.0e}"
             )
         metadata["graphpass.verification"] = json.dumps(
-            {"max_abs_error": max_abs, "max_rel_error": max_rel, "batches": list(checked), "onnxruntime": onnxruntime.__version__}
+            {"max_abs_error": max_abs, "max_rel_error": max_rel, "batches": list(checked), "output_nonzero": verified,
+             "onnxruntime": onnxruntime.__version__}
         )
         onnx.helper.set_model_props(proto, metadata)
         onnx.save(proto, str(tmp))
@@ -572,6 +631,7 @@ def export_onnx(
             max_abs_error=max_abs,
             max_rel_error=max_rel,
             checked_batches=checked,
+            output_nonzero=verified,
             group_norm_form="GroupNormalization" if ops["GroupNormalization"] else ("decomposed" if stats.group_norms else "none"),
             lowering=stats,
             op_counts=dict(sorted(ops.items())),
