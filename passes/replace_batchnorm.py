@@ -30,8 +30,10 @@ Rules:
   converting it would throw away the statistics it was trained with. The reason is logged and
   counted in ``stats["bn_frozen_kept"]``. ``convert_frozen=True`` converts it anyway.
 
-Requires: nothing (``graphpass.tensor``/``val`` are copied onto the new nodes when present).
-Writes: ``graphpass.norm`` (a :class:`graphpass.proxy_norm.NormRecord`) on every new node.
+Requires: nothing. The BatchNorm node is kept (same name and target, module swapped), so its
+``graphpass.tensor``/``val`` stay valid; a folded activation node is erased.
+Writes: ``graphpass.norm`` (a :class:`graphpass.proxy_norm.NormRecord`) and ``graphpass.from_pass``
+on every rewritten node.
 Invalidates: ``graphpass.saved``.
 """
 
@@ -49,8 +51,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from graphpass.errors import InputError
-from graphpass.ir import copy_meta, module_of, replace_submodule
-from graphpass.meta import META_NORM, META_SAVED, META_TENSOR, set_meta
+from graphpass.ir import module_of, replace_submodule
+from graphpass.meta import META_FROM_PASS, META_NORM, META_SAVED, set_meta
 from graphpass.pass_base import PassKind, PassResult, graph_pass
 from graphpass.proxy_norm import NormRecord, ProxyNormAct, ScaledGroupNorm
 
@@ -228,20 +230,22 @@ def _new_module(match: _Match, groups: int) -> nn.Module:
 
 
 def _rewrite(gm: torch.fx.GraphModule, match: _Match, groups: int) -> str:
-    target = str(match.node.target)
-    new_module = _new_module(match, groups)
-    replace_submodule(gm, target, new_module)
-    last = match.activation_node or match.node
-    graph = gm.graph
-    with graph.inserting_after(last):
-        new_node = graph.call_module(target, match.node.args, match.node.kwargs)
-    copy_meta(match.node, new_node, from_pass=PASS_NAME)
-    for key in (META_TENSOR, "val", "tensor_meta"):  # same shape and dtype as the replaced output
-        if key in last.meta:
-            new_node.meta[key] = last.meta[key]
+    """Swap the module behind the BatchNorm node and fold the activation node into it.
+
+    The node itself stays (same target, name and position), so its shape metadata stays valid:
+    the activation preserves shape and dtype.
+    """
+    node = match.node
+    replace_submodule(gm, str(node.target), _new_module(match, groups))
+    act = match.activation_node
+    act_name = act.name if act is not None else ""
+    if act is not None:
+        act.replace_all_uses_with(node)
+        gm.graph.erase_node(act)
     kind = "scaled_gn" if match.activation is None else "gn+pn"
+    set_meta(node, META_FROM_PASS, PASS_NAME)
     set_meta(
-        new_node,
+        node,
         META_NORM,
         NormRecord(
             kind=kind,
@@ -249,13 +253,9 @@ def _rewrite(gm: torch.fx.GraphModule, match: _Match, groups: int) -> str:
             activation=match.activation.kind if match.activation else "identity",
             groups=groups,
             num_channels=match.module.num_features,
-            activation_node=match.activation_node.name if match.activation_node is not None else "",
+            activation_node=act_name,
         ),
     )
-    last.replace_all_uses_with(new_node)
-    if match.activation_node is not None:
-        graph.erase_node(match.activation_node)
-    graph.erase_node(match.node)
     return kind
 
 

@@ -21,12 +21,9 @@ from tests.models import SmallResNet
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Small models: waking a thread pool (native group norm parallelizes tiny inputs) costs more
-    than the work, badly so on a shared machine. Real-model tests keep every thread."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
+def _one_thread():
+    """Small inputs: waking the thread pool (native group norm parallelizes even tiny inputs)
+    costs more than the work; on a loaded 2-core machine a model step took 40x longer."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -292,7 +289,7 @@ def test_batch_independence_in_training_mode(name):
     model = _no_dropout(torchvision.models.get_model(name, weights=None)).double()
     gm, result = rewritten(copy.deepcopy(model))
     assert gm.training and result.modified
-    x = torch.randn(16, 3, 48, 48, dtype=torch.float64)
+    x = torch.randn(16, 3, 40, 40, dtype=torch.float64)  # 2x2 at the last stage: BN runs on one sample
     assert _max_batch_dependence(gm, x, range(16)) <= 1e-5
     assert _max_batch_dependence(model, x, [0]) > 1e-5  # the BatchNorm original fails the same test
 
@@ -355,6 +352,7 @@ def _build_on_meta(name: str, monkeypatch) -> nn.Module:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:replace_batchnorm.*not divisible by groups")  # ShuffleNet's 58, 116, ... channels
 @pytest.mark.parametrize("name", TORCHVISION_CLASSIFIERS)
 def test_no_batchnorm_left_in_torchvision_classifiers(name, monkeypatch):
     """Every classifier, on the meta device (shapes only, so size costs nothing): the rewrite
