@@ -485,6 +485,9 @@ class _Session:
     # -- the pack hook
 
     def pack(self, t: torch.Tensor) -> Any:
+        if t.numel() < MIN_PACKED_NUMEL or isinstance(t, nn.Parameter):  # most calls: no grad-mode switch
+            record_pack(t, _nbytes(t), "full")
+            return t
         with torch.no_grad():
             return self._pack(t)
 
