@@ -33,6 +33,7 @@ from graphpass.memory_plan import ARENA_KINDS, MemoryPlan, PlannedTensor, live_b
 __all__ = [
     "KIND_COLOURS",
     "Rect",
+    "aligned_steps",
     "memory_series",
     "buffer_rectangles",
     "largest_at_peak",
@@ -86,12 +87,34 @@ def _plan_series(plan: MemoryPlan) -> dict[str, Any]:
     }
 
 
+def aligned_steps(num_steps: int, num_forward: int, onto_steps: int, onto_forward: int) -> list[float]:
+    """x positions that stretch a step axis piecewise onto another so both forward/backward
+    boundaries coincide: the baseline usually has fewer steps than the transformed graph."""
+    def stretch(i: int, n: int, onto: int, shift: int, offset: float) -> float:
+        return offset + (i - shift + 0.5) * onto / n - 0.5 if n else offset
+
+    backward = num_steps - num_forward
+    return [
+        stretch(i, num_forward, onto_forward, 0, 0.0)
+        if i < num_forward
+        else stretch(i, backward, onto_steps - onto_forward, num_forward, float(onto_forward))
+        for i in range(num_steps)
+    ]
+
+
 def memory_series(plan: MemoryPlan) -> dict[str, Any]:
-    """Per-step total and arena live bytes of the plan (and of ``plan.baseline`` if present)."""
-    return {
-        "plan": _plan_series(plan),
-        "baseline": _plan_series(plan.baseline) if plan.baseline is not None else None,
-    }
+    """Per-step total and arena live bytes of the plan (and of ``plan.baseline`` if present).
+
+    The baseline's ``x`` places its steps on the plan's step axis (forward onto forward,
+    backward onto backward), so the two curves can be drawn on one axis.
+    """
+    base = None
+    if plan.baseline is not None:
+        base = _plan_series(plan.baseline)
+        base["x"] = aligned_steps(
+            len(plan.baseline.steps), plan.baseline.num_forward_steps, len(plan.steps), plan.num_forward_steps
+        )
+    return {"plan": _plan_series(plan), "baseline": base}
 
 
 def buffer_rectangles(plan: MemoryPlan) -> list[Rect]:
@@ -202,10 +225,9 @@ def _draw_memory(ax: Any, plan: MemoryPlan) -> None:
     series = memory_series(plan)
     mine, base = series["plan"], series["baseline"]
     if base is not None:
-        x = np.arange(len(base["total"]))
-        ax.plot(x, np.array(base["total"]) / MIB, color="#999999", lw=1.2, label="baseline: total live")
+        label = f"baseline: total live ({len(base['total'])} steps, stretched onto this axis)"
+        ax.plot(base["x"], np.array(base["total"]) / MIB, color="#999999", lw=1.2, label=label)
         ax.axhline(base["predicted_peak_bytes"] / MIB, color="#999999", ls=":", lw=1, label="baseline peak")
-        ax.axvline(base["num_forward_steps"] - 0.5, color="#999999", ls="--", lw=0.8)
     x = np.arange(len(mine["total"]))
     ax.plot(x, np.array(mine["total"]) / MIB, color="#1f3b73", lw=1.6, label="total live (params included)")
     ax.fill_between(x, np.array(mine["arena"]) / MIB, color=KIND_COLOURS["activation"], alpha=0.25, label="arena tensors live")
@@ -219,7 +241,7 @@ def _draw_memory(ax: Any, plan: MemoryPlan) -> None:
     on_x = ax.get_xaxis_transform()  # x in steps, y in axes fraction
     ax.text(plan.num_forward_steps / 2, 0.03, "forward", ha="center", transform=on_x, fontsize=9)
     ax.text((plan.num_forward_steps + len(x)) / 2, 0.03, "backward", ha="center", transform=on_x, fontsize=9)
-    ax.set_xlim(-0.5, max(len(x), len(base["total"]) if base else 0) - 0.5)
+    ax.set_xlim(-0.5, max(len(x), 1) - 0.5)
     ax.set_xlabel("step")
     ax.set_ylabel("MiB")
     ax.set_title("(1) memory over one training step", loc="left", fontsize=10)
@@ -348,20 +370,20 @@ function axes(g, w, h, x0, x1, ymax, ylab) {
 const mem = document.getElementById("mem");
 function drawMem() {
   const {g, w, h} = setup(mem); g.clearRect(0, 0, w, h);
-  const n = Math.max(S.total.length, B ? B.total.length : 0, 1);
+  const n = Math.max(S.total.length, 1);
   let ymax = Math.max(S.predicted_peak_bytes, S.planned_bytes, B ? B.predicted_peak_bytes : 0, S.measured_peak_bytes || 0, 1) * 1.08;
   const X = s => PAD.l + (w - PAD.l - PAD.r) * (s + 0.5) / n, Y = v => h - PAD.b - (h - PAD.t - PAD.b) * v / ymax;
   g.fillStyle = "#f1f1f1"; g.fillRect(X(S.num_forward_steps - 0.5), PAD.t, X(S.total.length - 0.5) - X(S.num_forward_steps - 0.5), h - PAD.t - PAD.b);
   axes(g, w, h, 0, n, ymax, "MiB");
-  function line(vals, colour, width) { g.strokeStyle = colour; g.lineWidth = width; g.beginPath();
-    vals.forEach((v, i) => i ? g.lineTo(X(i), Y(v)) : g.moveTo(X(i), Y(v))); g.stroke(); }
+  function line(vals, colour, width, xs) { g.strokeStyle = colour; g.lineWidth = width; g.beginPath();
+    vals.forEach((v, i) => { const x = X(xs ? xs[i] : i); i ? g.lineTo(x, Y(v)) : g.moveTo(x, Y(v)); }); g.stroke(); }
   const keys = [];
   function hline(v, colour, dash, label) { g.setLineDash(dash); g.strokeStyle = colour; g.lineWidth = 1;
     g.beginPath(); g.moveTo(PAD.l, Y(v)); g.lineTo(w - PAD.r, Y(v)); g.stroke(); g.setLineDash([]);
     keys.push([colour, label + " " + mib(v)]); }
-  if (B) keys.push(["#aaa", "baseline total live (" + B.model + ")"]);
+  if (B) keys.push(["#aaa", "baseline total live (" + B.model + ", " + B.total.length + " steps stretched onto this axis)"]);
   keys.push(["#1f3b73", "total live, parameters included"], ["rgba(78,121,167,.5)", "arena tensors live"]);
-  if (B) { line(B.total, "#aaa", 1.2); hline(B.predicted_peak_bytes, "#888", [2, 3], "baseline peak"); }
+  if (B) { line(B.total, "#aaa", 1.2, B.x); hline(B.predicted_peak_bytes, "#888", [2, 3], "baseline peak"); }
   g.fillStyle = "rgba(78,121,167,.25)"; g.beginPath(); g.moveTo(X(0), Y(0));
   S.arena.forEach((v, i) => g.lineTo(X(i), Y(v))); g.lineTo(X(S.arena.length - 1), Y(0)); g.fill();
   line(S.total, "#1f3b73", 1.6);
@@ -379,7 +401,8 @@ function drawMem() {
     if (s < 0 || s >= S.total.length) { hideTip(); return; }
     let t = "step " + s + (s < S.num_forward_steps ? " (forward): " : " (backward): ") + D.steps[s] +
       "\\ntotal live " + mib(S.total[s]) + ", arena tensors " + mib(S.arena[s]);
-    if (B && s < B.total.length) t += "\\nbaseline step " + s + ": " + mib(B.total[s]);
+    if (B) { let k = 0; while (k + 1 < B.x.length && B.x[k + 1] <= s) k++;
+      t += "\\nbaseline step " + k + " (" + D.baseline_steps[k] + "): " + mib(B.total[k]); }
     showTip(ev, t); };
   mem.onmouseleave = hideTip;
 }

@@ -15,6 +15,7 @@ import pytest
 from graphpass.errors import InputError
 from graphpass.memory_plan import ARENA_KINDS, MemoryPlan, PlannedTensor, build_plan, verify_plan
 from graphpass.visualize import (
+    aligned_steps,
     buffer_rectangles,
     chart_data,
     draw,
@@ -124,6 +125,14 @@ def test_memory_series_matches_hand_computation(plan):
     assert mine["num_forward_steps"] == 3
     assert series["baseline"]["total"] == plan.baseline.memory_profile()
     assert series["baseline"]["predicted_peak_bytes"] == 770 + 350 + 160
+    assert series["baseline"]["x"] == [0, 1, 2, 3, 4, 5]  # same step axis: nothing to stretch
+
+
+def test_baseline_steps_are_stretched_phase_by_phase():
+    # 2 forward + 2 backward steps onto 4 + 4: both boundaries land on each other
+    assert aligned_steps(4, 2, 8, 4) == [0.5, 2.5, 4.5, 6.5]
+    xs = aligned_steps(7, 3, 20, 12)
+    assert max(x for x in xs[:3]) < 11.5 < min(x for x in xs[3:]) and xs[-1] < 19.5
 
 
 def test_largest_tensors_at_the_peak(plan):
