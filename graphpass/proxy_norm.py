@@ -82,6 +82,19 @@ def _activation(h: torch.Tensor, activation: str, negative_slope: float) -> torc
     return h
 
 
+# Positively homogeneous activations: act(h) == h * act'(h). Their backward needs neither the
+# activation output nor a separate reduction for the proxy-variance gradient.
+_HOMOGENEOUS = ("relu", "leaky_relu", "identity")
+
+
+def _homogeneous_backward(grad: torch.Tensor, h: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, h, 0)
+    if activation == "leaky_relu":
+        return torch.ops.aten.leaky_relu_backward(grad, h, negative_slope, False)
+    return grad
+
+
 def _quantiles(num_points: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Phi^-1((i + 1/2) / N); rebuilt on use (two tiny kernels) so ``model.half()`` cannot degrade it."""
     i = torch.arange(num_points, device=device, dtype=dtype)
@@ -139,7 +152,8 @@ class _ProxyNormActFunction(torch.autograd.Function):
     """GroupNorm (no affine) + affine + activation + proxy normalization in one autograd node.
 
     Full-size passes: forward 3 (group norm with affine, activation, proxy normalization);
-    backward about 9, using PyTorch's native group-norm backward kernel.
+    backward 4 for ReLU and LeakyReLU (recompute the pre-activation, one sum, activation
+    backward, native group-norm backward), 6 for the other activations.
     """
 
     @staticmethod
@@ -175,21 +189,38 @@ class _ProxyNormActFunction(torch.autograd.Function):
             mu, inv_std = proxy_statistics(
                 *params, activation=activation, negative_slope=negative_slope, proxy_eps=proxy_eps, num_points=num_points
             )
-        scale, shift = _affine_from_stats(mean, rstd, w, bias.detach().to(dtype), c)
+        b = bias.detach().to(dtype)
+        inv = inv_std.detach()
+        scale, shift = _affine_from_stats(mean, rstd, w, b, c)
         h = torch.addcmul(shift.reshape(n, c, *(1,) * (nd - 2)), xc, scale.reshape(n, c, *(1,) * (nd - 2)))
-        h.requires_grad_()
-        with torch.enable_grad():
-            z = _activation(h, activation, negative_slope)
-        # torch's own activation backward gives dL/dh, so boundary conventions (ReLU at 0) match eager.
-        (grad_h,) = torch.autograd.grad(z, h, g * _channel_view(inv_std.detach(), nd))
-        grad_sum = g.sum(reduce_dims)
-        grad_inv_std = (g * z.detach()).sum(reduce_dims) - mu.detach() * grad_sum
-        grad_mu = -inv_std.detach() * grad_sum
-        del z, h, g
-        proxy_grads = torch.autograd.grad((mu, inv_std), params, (grad_mu, grad_inv_std))
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
-            grad_h, xc, mean, rstd, w, n, c, hw, groups, [True, True, True]
+        # For identity grad_h_raw is g: reuse the group-norm kernel's sum (saves a pass, and the
+        # beta gradient, exactly zero in theory, then cancels exactly).
+        grad_sum = None if activation == "identity" else g.sum(reduce_dims)
+        # grad_h_raw = dL/dz * act'(h) without the 1/std~ factor, which rides on the group-norm weight.
+        if activation in _HOMOGENEOUS:
+            grad_h_raw = _homogeneous_backward(g, h, activation, negative_slope)
+            del h
+        else:
+            h.requires_grad_()
+            with torch.enable_grad():
+                z = _activation(h, activation, negative_slope)
+            # torch's own activation backward, so boundary conventions (e.g. at kinks) match eager.
+            (grad_h_raw,) = torch.autograd.grad(z, h, g)
+            grad_z_dot_z = (g * z.detach()).sum(reduce_dims)
+            del z, h
+        del g
+        grad_x, grad_w_raw, grad_b_raw = torch.ops.aten.native_group_norm_backward(
+            grad_h_raw, xc, mean, rstd, w * inv, n, c, hw, groups, [True, True, True]
         )
+        if activation in _HOMOGENEOUS:
+            # act(h) = h * act'(h), so sum(dL/dz * z) = sum(grad_h_raw * (w * y + b)): no extra pass.
+            grad_z_dot_z = w * grad_w_raw + b * grad_b_raw
+        if grad_sum is None:
+            grad_sum = grad_b_raw
+        grad_weight, grad_bias = inv * grad_w_raw, inv * grad_b_raw
+        grad_inv_std = grad_z_dot_z - mu.detach() * grad_sum
+        grad_mu = -inv * grad_sum
+        proxy_grads = torch.autograd.grad((mu, inv_std), params, (grad_mu, grad_inv_std))
         return (
             grad_x.to(x.dtype),
             (grad_weight + proxy_grads[0]).to(weight.dtype),
