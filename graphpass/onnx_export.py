@@ -297,11 +297,20 @@ def _check_opset(opset: Any, exporter: str) -> int:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence exporter chatter (progress prints, deprecation warnings); it goes to the debug log."""
+    """Silence exporter chatter (progress prints, deprecation warnings, the optimizer's INFO log
+    that ``graphpass -v`` would otherwise show); printed output goes to the debug log."""
     out = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(out):
-        warnings.simplefilter("ignore")
-        yield
+    chatty = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [logger.level for logger in chatty]
+    for logger in chatty:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(chatty, levels):
+            logger.setLevel(level)
     if out.getvalue():
         log.debug("exporter output:\n%s", out.getvalue())
 
