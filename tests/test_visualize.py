@@ -216,6 +216,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def test_html_opens_in_headless_chromium_without_errors(which, tmp_path):
     subject = tiny_plan() if which == "tiny" else synthetic_plan(520)
     page = draw(subject, tmp_path / "plan.html")
+    # Drive the page like a user: hover the memory chart, click a grid of points on the buffer chart.
+    page.write_text(page.read_text().replace("</body>", _INTERACTION_PROBE + "</body>"))
     result = subprocess.run(
         [
             CHROMIUM,
@@ -243,3 +245,25 @@ def test_html_opens_in_headless_chromium_without_errors(which, tmp_path):
     assert "data-errors" not in root.group(0)
     assert f'data-rendered="{len(buffer_rectangles(subject))}"' in root.group(0)
     assert "<tr><td>" in result.stdout  # the table of the largest tensors was filled in
+    assert 'data-tip="step ' in root.group(0)  # hovering the memory chart explains the step
+    hits = int(re.search(r'data-hits="(\d+)"', root.group(0)).group(1))
+    assert hits > 0  # clicking a rectangle pins it and describes the tensor
+
+
+_INTERACTION_PROBE = """<script>
+(function () {
+  const root = document.documentElement, mem = document.getElementById("mem"), buf = document.getElementById("buf");
+  const m = mem.getBoundingClientRect();
+  mem.dispatchEvent(new MouseEvent("mousemove", {clientX: m.left + m.width / 2, clientY: m.top + m.height / 2}));
+  root.setAttribute("data-tip", document.getElementById("tip").textContent.split("\\n")[0]);
+  const r = buf.getBoundingClientRect(), detail = document.getElementById("detail");
+  let hits = 0;
+  for (let i = 1; i < 25; i++) for (let j = 1; j < 25; j++) {
+    const at = {clientX: r.left + r.width * i / 25, clientY: r.top + r.height * j / 25};
+    buf.dispatchEvent(new MouseEvent("mousedown", at));
+    buf.dispatchEvent(new MouseEvent("mouseup", at));
+    if (detail.textContent.indexOf("steps [") >= 0) { hits++; buf.dispatchEvent(new MouseEvent("mouseup", at)); }
+  }
+  root.setAttribute("data-hits", String(hits));
+})();
+</script>"""
