@@ -134,6 +134,22 @@ def test_largest_batch_on_cpu_is_none_when_the_budget_holds_only_the_parameters(
     assert largest_batch("unused", Method("plain"), run, 8, torch.device("cpu"), budget=3000 + 5 * 500) == (5, True)
 
 
+@pytest.mark.parametrize("limit", [0, 1, 37, 1000, 5000])
+def test_largest_batch_search_on_cuda_brackets_then_bisects(monkeypatch, limit):
+    tried = []
+
+    def fits(spec, method, batch, image, device, budget):  # stands in for a real CUDA training step
+        tried.append(batch)
+        return batch <= limit
+
+    monkeypatch.setattr("graphpass.bench._fits", fits)
+    run = BenchRun(method="plain", batch=4, peak_bytes=5000, persistent_bytes=3000)  # guess: 10 for 8000 bytes
+    found, predicted = largest_batch("unused", Method("plain"), run, 8, torch.device("cuda"), budget=8000)
+    assert predicted is False
+    assert found <= limit and limit - found <= max(1, found // 100)  # exact below 100, within 1% above
+    assert len(tried) <= 24
+
+
 @pytest.mark.gpu
 def test_cuda_out_of_memory_is_reported_per_method_and_memory_is_freed(model_file):
     torch.cuda.empty_cache()
