@@ -30,6 +30,9 @@ def atomic_output(path: str | os.PathLike[str], *, suffixes: tuple[str, ...] = (
     tmp = Path(tmp_name)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -196,29 +196,43 @@ def _user_frame(error: Exception) -> str | None:
     return f"{found.filename}:{found.lineno}: `{line}`"
 
 
-def fake_inputs(mode: FakeTensorMode, inputs: Sequence[Any]) -> list[Any]:
-    """Fake copies of ``inputs`` (real or meta tensors) that allocate nothing."""
+def fake_inputs(mode: FakeTensorMode, inputs: Sequence[Any], device: torch.device | None = None) -> list[Any]:
+    """Fake copies of ``inputs`` (real or meta tensors) that allocate nothing.
+
+    ``device`` places them beside the model's parameters (a meta input for a CPU model becomes a
+    fake CPU tensor; any input for a meta model a fake meta tensor).
+    """
     out = []
     for x in inputs:
         if isinstance(x, torch.Tensor):
+            target = device or (torch.device("cpu") if x.is_meta else x.device)
             with mode:
-                out.append(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="cpu" if x.is_meta else x.device))
+                out.append(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=target))
         else:
             out.append(x)
     return out
 
 
+def _parameter_device(gm: torch.fx.GraphModule) -> torch.device | None:
+    for t in gm.parameters():
+        return t.device
+    for t in gm.buffers():
+        return t.device
+    return None
+
+
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     """Run the graph on fake tensors and record a TensorInfo for every node."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(example_inputs) != len(placeholders):
+    required = [n for n in placeholders if not n.args]  # placeholders with args carry a default
+    if not len(required) <= len(example_inputs) <= len(placeholders):
         raise InputError(
-            f"{type(gm).__name__} takes {len(placeholders)} input(s) "
+            f"{type(gm).__name__} takes {len(required)} to {len(placeholders)} input(s) "
             f"({', '.join(n.name for n in placeholders)}) but {len(example_inputs)} example input(s) were given"
         )
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     prop = _NamedFakeTensorProp(gm, mode)
-    prop.propagate_dont_convert_inputs(*fake_inputs(mode, example_inputs))
+    prop.propagate_dont_convert_inputs(*fake_inputs(mode, example_inputs, _parameter_device(gm)))
     for node in gm.graph.nodes:
         val = node.meta.get("val")
         set_meta(node, META_TENSOR, _info(val))
