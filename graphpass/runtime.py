@@ -259,21 +259,21 @@ class _Activation:
     negative_slope: float = 0.01
     approximate: str = "none"
 
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, v: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         if self.name == "relu":
-            return torch.relu(v)
+            return torch.relu_(v) if inplace else torch.relu(v)
         if self.name == "relu6":
-            return F.hardtanh(v, 0.0, 6.0)
+            return F.hardtanh(v, 0.0, 6.0, inplace=inplace)
         if self.name == "leaky_relu":
-            return F.leaky_relu(v, self.negative_slope)
+            return F.leaky_relu(v, self.negative_slope, inplace=inplace)
         if self.name == "silu":
-            return F.silu(v)
+            return F.silu(v, inplace=inplace)
         if self.name == "gelu":
             return F.gelu(v, approximate=self.approximate)
         if self.name == "hardswish":
-            return F.hardswish(v)
+            return F.hardswish(v, inplace=inplace)
         if self.name == "mish":
-            return F.mish(v)
+            return F.mish(v, inplace=inplace)
         return v
 
 
@@ -303,17 +303,25 @@ class _Layer:
             return _unpack(self.fallback[role])
         if self.cache is not None and self.cache[0] == role and self.cache[1].dtype == dtype:
             return self.cache[1]
-        stored = self.stored if isinstance(self.stored, torch.Tensor) else unpack(self.stored)
-        v = stored.float()
+        # The norm input is the layer's last role in backward: drop the cache before rebuilding it.
+        self.cache = None
+        if isinstance(self.stored, torch.Tensor):
+            v = self.stored.float()
+            fresh = v is not self.stored
+        else:
+            v, fresh = unpack(self.stored).float(), True
+        # Work in place on a fresh buffer: one full-size temporary per rebuild, not two.
         if role == "activation":
-            v = self.activation(v)
+            activated = self.activation(v, inplace=fresh)
+            fresh, v = fresh or activated is not v, activated
             if self.post_scale is not None:
-                v = torch.addcmul(self.post_shift, v, self.post_scale)
+                v = torch.addcmul(self.post_shift, v, self.post_scale, out=v if fresh else None)
         elif role == self.other_role:
-            v = torch.addcmul(self.shift, v, self.scale)
+            v = torch.addcmul(self.shift, v, self.scale, out=v if fresh else None)
         out = v.to(dtype)
         # The activation output is often unpacked twice in a row (the next conv, then the ReLU).
-        self.cache = (role, out) if role != "input" else None
+        if role != "input":
+            self.cache = (role, out)
         return out
 
 
