@@ -105,7 +105,7 @@ class _Tracer(torch.fx.Tracer):
 
     def __init__(self, leaf_types: tuple[type, ...], autowrap_functions: tuple = ()) -> None:
         super().__init__(autowrap_functions=autowrap_functions)
-        self.leaf_types = leaf_types
+        self.leaf_types = leaf_types + _mode_dependent_leaves()
         self.gp_module_stack: list[str] = [""]
         self.failed_module: str | None = None  # innermost module whose forward raised
 
@@ -128,6 +128,25 @@ class _Tracer(torch.fx.Tracer):
         module = node.target if node.op == "call_module" else self.gp_module_stack[-1]
         node.meta[META_MODULE] = module
         return node
+
+
+def _mode_dependent_leaves() -> tuple[type, ...]:
+    """Modules whose forward branches on ``self.training``: traced inline, the branch taken at trace
+    time would be baked into the graph (random drops even in eval), so they stay opaque calls."""
+    leaves: list[type] = []
+    try:
+        from torchvision.ops import StochasticDepth
+
+        leaves.append(StochasticDepth)
+    except ImportError:
+        pass
+    try:
+        from timm.layers import DropPath
+
+        leaves.append(DropPath)
+    except ImportError:
+        pass
+    return tuple(leaves)
 
 
 def _timm_tracer_config(model: nn.Module) -> tuple[tuple[type, ...], tuple]:

@@ -47,3 +47,15 @@ def test_factory_that_raises(tmp_path):
 def test_wrong_input_shape_names_the_node():
     with pytest.raises(gp.InputError, match=r"node stem_0 .*\(2, 1, 32, 32\)"):
         gp.trace(SmallResNet(), (torch.randn(2, 1, 32, 32),))
+
+
+def test_stochastic_depth_follows_train_and_eval_after_tracing():
+    from torchvision.ops import StochasticDepth
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), StochasticDepth(0.5, "row"))
+    gm = gp.trace(model)
+    x = torch.randn(64, 4)
+    gm.eval()
+    assert torch.equal(gm(x), model.eval()(x))  # eval: no random drops baked in at trace time
+    gm.train()
+    assert (gm(x) == 0).all(dim=1).any()  # train: rows are dropped
