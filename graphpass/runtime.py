@@ -283,7 +283,7 @@ class _Layer:
 
     def __init__(self, index: int, x: torch.Tensor) -> None:
         self.index = index
-        self.format = "full"  # as reported to the save recorder: "q4-layer", or "full" before/without packing
+        self.format = "full"  # as reported to the save recorder: "q4-layer", "exact-layer", or a fallback format
         self.input: torch.Tensor | None = x  # held only between layer_input and quantize_layer
         self.activation = _Activation("none")
         self.stored_role = ""  # "output" (pre-activation) or "input"

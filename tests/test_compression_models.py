@@ -96,7 +96,7 @@ def test_resnet50_saved_bytes_at_8_4_2_bits():
 def test_saved_bytes_on_cpu_match_meta():
     """The meta measurement above is what a real run keeps (small ResNet-18 on the CPU)."""
     model = torchvision.models.resnet18(weights=None).train()
-    gm = transformed(model, (torch.randn(2, 3, 64, 64),), bits=4)
-    cpu = bytes_held_after_forward(gm, 2, 64, "cpu")
-    meta = bytes_held_after_forward(copy.deepcopy(gm).to("meta"), 2, 64, "meta")
+    gm = transformed(model, (torch.randn(2, 3, 32, 32),), bits=4)
+    cpu = bytes_held_after_forward(gm, 2, 32, "cpu")
+    meta = bytes_held_after_forward(copy.deepcopy(gm).to("meta"), 2, 32, "meta")
     assert cpu == meta
