@@ -10,11 +10,13 @@ are ``call_function`` nodes that return their first argument unchanged (see :dat
   bracket one Conv -> Norm -> Act layer (BLPA, papers.md section 1). ``quantize_layer`` keeps ONE
   K-bit copy of the layer: the pre-activation ``y`` on the zero-anchored grid of
   :func:`graphpass.quantize.pack_anchored` with mean ``beta`` and std ``|gamma|`` (the batch
-  statistics of ``y`` that the norm itself imposes, so no reduction), or, with no activation, the
-  norm input ``x`` with the norm's own batch mean and std. Every tensor of the layer that autograd
-  saves (norm input, pre-activation, activation output, the next op's input) is handed a reference
-  to that copy and rebuilt from it in backward with exact per-channel floats, so PyTorch's own
-  backward formulas run unchanged. The ReLU sign is exact because 0 is a bin boundary.
+  statistics of ``y`` that BatchNorm itself imposes, so no reduction), or, with no activation, the
+  norm input ``x`` with the norm's own batch mean and std. GroupNorm-type layers (GroupNorm,
+  ScaledGroupNorm, ProxyNormAct, whose normalized pre-activation is materialised once) measure
+  per-channel statistics instead: group statistics say little about one channel. Every tensor of
+  the layer that autograd saves (norm input, pre-activation, activation output, the next op's
+  input) is handed a reference to that copy and rebuilt from it in backward with exact per-channel
+  floats, so PyTorch's own backward formulas run unchanged. The ReLU sign is exact because 0 is a bin boundary.
 - :func:`compress_saved_end` (on the output) closes the session.
 
 Everything else autograd saves (generic mode) is packed per tensor: floats in groups with their
