@@ -436,3 +436,17 @@ def test_proxy_norm_act_layers(activation):
     assert big and set(big) == {"exact-layer"}, big
     _, _, g_q = step(gm, x)
     assert cosine(g_r, g_q) > 0.97
+
+
+def test_transform_and_saved_tensor_discovery_see_the_compressed_sizes():
+    """gp.transform runs the pass; discovery (meta tensors, our hooks above its own) counts what
+    the pack hooks really store."""
+    import graphpass as gp
+    from graphpass.saved_tensors import discover_saved_tensors
+
+    model = SmallResNet().train()
+    x = torch.randn(2, 3, 16, 16)
+    big = (torch.randn(16, 3, 32, 32),)
+    plain = discover_saved_tensors(gp.transform(model, (x,), bits=None), big).saved_bytes()
+    compressed = discover_saved_tensors(gp.transform(model, (x,), bits=4), big).saved_bytes()
+    assert 0 < compressed < plain / 4, (compressed, plain)
