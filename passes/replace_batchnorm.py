@@ -296,6 +296,12 @@ def replace_batchnorm(gm: torch.fx.GraphModule, *, groups: int = 8, convert_froz
     for match, layer_groups in matches:
         kind = _rewrite(gm, match, layer_groups)
         stats["bn_to_gn_pn" if kind == "gn+pn" else "bn_to_scaled_gn"] += 1
+    if stats["bn_frozen_kept"]:
+        log.info(
+            "%s: kept %d BatchNorm layer(s) in eval mode with frozen statistics; put the model in train mode "
+            "or pass convert_frozen=True to convert them",
+            PASS_NAME, stats["bn_frozen_kept"],
+        )
     modified = bool(matches)
     if modified:
         gm.delete_all_unused_submodules()
