@@ -141,7 +141,7 @@ def _affine_from_stats(
     mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, channels: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(sample, channel) scale and shift with ``gamma * groupnorm(x) + beta == x * scale + shift``."""
-    n, groups = mean.shape
+    groups = mean.shape[1]
     per_group = channels // groups
     rstd_c = rstd.repeat_interleave(per_group, dim=1)
     scale = rstd_c * weight

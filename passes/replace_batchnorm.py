@@ -52,7 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from graphpass.errors import InputError
 from graphpass.ir import module_of, replace_submodule
-from graphpass.meta import META_FROM_PASS, META_NORM, META_SAVED, set_meta
+from graphpass.meta import META_FROM_PASS, META_MODULE, META_NORM, META_SAVED, set_meta
 from graphpass.pass_base import PassKind, PassResult, graph_pass
 from graphpass.proxy_norm import NormRecord, ProxyNormAct, ScaledGroupNorm
 
@@ -292,6 +292,14 @@ def replace_batchnorm(gm: torch.fx.GraphModule, *, groups: int = 8, convert_froz
             stats["bn_frozen_kept"] += 1
             continue
         matches.append((match, effective_groups(bn.num_features, groups, str(node.target))))
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm):
+            module = node.meta.get(META_MODULE, "")
+            log.warning(
+                "%s: batch_norm call %s in module %r was traced through, not called as a module; mark that "
+                "module's type as a leaf when tracing (leaf_modules=[...]) so it can be replaced",
+                PASS_NAME, node.name, module,
+            )
     # Validate every layer before touching the graph, so an error leaves the model as it was.
     for match, layer_groups in matches:
         kind = _rewrite(gm, match, layer_groups)

@@ -30,8 +30,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def rewritten(model: nn.Module, inputs=None, **kwargs):
-    gm = gp.trace(model, inputs)
+def rewritten(model: nn.Module, inputs=None, *, leaf_modules=(), **kwargs):
+    gm = gp.trace(model, inputs, leaf_modules=leaf_modules)
     return gm, replace_batchnorm(gm, **kwargs)
 
 
@@ -324,6 +324,7 @@ def test_timm_models_convert(name):
     norm_act = count_modules(model, timm.layers.BatchNormAct2d)
     gm, result = rewritten(model)
     assert count_modules(gm, _BatchNorm) == 0
+    assert not [n for n in gm.graph.nodes if n.target in (F.batch_norm, torch.batch_norm)]
     assert result.stats["bn_to_gn_pn"] > 0 and result.stats["bn_to_scaled_gn"] > 0
     if name == "efficientnet_b0":
         assert norm_act > 0 and {m.activation for m in gm.modules() if isinstance(m, ProxyNormAct)} == {"silu"}
@@ -370,6 +371,7 @@ def test_no_batchnorm_left_in_torchvision_classifiers(name, monkeypatch):
         model = _build(name, device, monkeypatch)
     gm, result = rewritten(model)
     assert count_modules(gm, _BatchNorm) == 0
+    assert not [n for n in gm.graph.nodes if n.target in (F.batch_norm, torch.batch_norm)]
     assert sum(result.stats.values()) == had_bn
     size = IMAGE_SIZE.get(name, 32)
     x = torch.randn(1, 3, size, size, device=device, requires_grad=True)
@@ -378,3 +380,57 @@ def test_no_batchnorm_left_in_torchvision_classifiers(name, monkeypatch):
     assert x.grad.shape == x.shape
     if device == "cpu":
         assert all(torch.isfinite(t).all() for t in outputs) and torch.isfinite(x.grad).all()
+
+
+class SharedBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(x)) + self.bn(x * 2)
+
+
+class CustomBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize(
+    "model, fragment",
+    [
+        (SharedBN(), "left unchanged: called at 2 places"),
+        (ConvBNAct(nn.ReLU(), bn=CustomBN(16)), "CustomBN overrides forward"),
+    ],
+    ids=["shared", "custom-forward"],
+)
+def test_batchnorm_it_cannot_rewrite_is_left_with_a_warning(model, fragment, caplog):
+    gm = gp.trace(model, leaf_modules=[CustomBN])
+    code = gm.code
+    with caplog.at_level(logging.WARNING, logger="passes.replace_batchnorm"):
+        result = replace_batchnorm(gm)
+    assert not result.modified and gm.code == code
+    assert fragment in caplog.text
+
+
+class FunctionalBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps)
+
+
+def test_traced_through_batchnorm_is_reported(caplog):
+    gm = gp.trace(ConvBNAct(nn.ReLU(), bn=FunctionalBN(16)))  # not a leaf: becomes an F.batch_norm call
+    with caplog.at_level(logging.WARNING, logger="passes.replace_batchnorm"):
+        assert not replace_batchnorm(gm).modified
+    assert "batch_norm call batch_norm in module 'bn' was traced through" in caplog.text
+
+
+def test_timm_batchnorm_act_folds_its_activation():
+    timm = pytest.importorskip("timm")
+    with_act = ConvBNAct(nn.Identity(), bn=timm.layers.BatchNormAct2d(16, act_layer=nn.SiLU))
+    gm, result = rewritten(with_act, leaf_modules=[timm.layers.BatchNormAct2d])
+    assert dict(result.stats) == {"bn_to_gn_pn": 1} and gm.get_submodule("bn").activation == "silu"
+    without_act = ConvBNAct(nn.ReLU6(), bn=timm.layers.BatchNormAct2d(16, apply_act=False))
+    gm, result = rewritten(without_act, leaf_modules=[timm.layers.BatchNormAct2d])
+    assert dict(result.stats) == {"bn_to_gn_pn": 1} and gm.get_submodule("bn").activation == "relu6"
+    gm(torch.randn(2, 3, 4, 4)).sum().backward()
