@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 from graphpass.errors import InputError, UnsupportedError
 
@@ -43,6 +44,8 @@ __all__ = [
     "pack_anchored",
     "pack_mask",
     "unpack",
+    "Activation",
+    "apply_epilogue",
     "SUPPORTED_BITS",
     "DEFAULT_GROUP_SIZE",
     "FLAG_BLOCK",
@@ -88,6 +91,33 @@ class Packed:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise activation by name, as PyTorch computes it: "relu", "relu6", "leaky_relu", "silu",
+    "gelu" (``approximate`` "none" or "tanh"), "hardswish", "mish"; any other name is the identity."""
+
+    name: str
+    negative_slope: float = 0.01
+    approximate: str = "none"
+
+    def __call__(self, v: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        if self.name == "relu":
+            return torch.relu_(v) if inplace else torch.relu(v)
+        if self.name == "relu6":
+            return F.hardtanh(v, 0.0, 6.0, inplace=inplace)
+        if self.name == "leaky_relu":
+            return F.leaky_relu(v, self.negative_slope, inplace=inplace)
+        if self.name == "silu":
+            return F.silu(v, inplace=inplace)
+        if self.name == "gelu":
+            return F.gelu(v, approximate=self.approximate)
+        if self.name == "hardswish":
+            return F.hardswish(v, inplace=inplace)
+        if self.name == "mish":
+            return F.mish(v, inplace=inplace)
+        return v
 
 
 # ----------------------------------------------------------------------------- public API
@@ -158,7 +188,7 @@ def pack_anchored(
             raise InputError(f"pack_anchored: {name} must be a tensor of {channels} elements (channel_dim={channel_dim}), got {got}")
         stats.append(t.detach().reshape(-1).to(device=v.device, dtype=torch.float32))
     flat, perm = _flatten(v)
-    inner = math.prod(v.shape[d] for d in perm[perm.index(channel_dim) + 1 :])
+    inner = _inner(v.shape, perm, channel_dim)
     kernels = _kernels_for(v, backend)
     if kernels is not None and flat.numel() > 0:
         grid = kernels.anchored_table(*stats, bits)
@@ -188,23 +218,37 @@ def pack_mask(m: torch.Tensor, *, backend: str | None = None) -> Packed:
 
 
 @torch.no_grad()
-def unpack(p: Packed, *, backend: str | None = None) -> torch.Tensor:
-    """Rebuild the tensor ``p`` was packed from: same shape, dtype and memory layout."""
+def unpack(
+    p: Packed,
+    *,
+    activation: Activation | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Rebuild the tensor ``p`` was packed from: same shape, dtype and memory layout.
+
+    Anchored layout only, an epilogue in the same pass: ``activation(v) * scale + shift`` computed in
+    float32 on the rebuilt value ``v`` and rounded once to ``dtype`` (default ``p.dtype``). ``scale``
+    and ``shift`` (together) hold one float per channel (C elements) or per sample and channel
+    (``shape[0] * C`` elements, row-major). This is :func:`apply_epilogue` on the plain unpacked value
+    in float32; the Triton kernel fuses the multiply-add as ``torch.addcmul`` does on FMA-capable CPUs.
+    Activations without a Triton form (mish, tanh-approximated gelu) run in PyTorch after the kernel.
+    """
     _check_backend(backend)
     numel = p.numel
     kernels = _kernels_for(p.codes, backend)
+    epilogue = activation is not None or scale is not None or shift is not None or dtype is not None
+    if epilogue and p.layout != "anchored":
+        raise InputError(f"unpack: activation/scale/shift/dtype need the anchored layout (per-channel grid), not {p.layout!r}")
     if p.layout == "group":
         if kernels is not None and numel > 0:
             flat = kernels.group_unpack(p.codes, p.scales, p.flags, p.bits, p.group_size, numel, p.dtype)
         else:
             flat = _group_unpack_torch(p, numel)
     elif p.layout == "anchored":
-        channels = p.shape[p.channel_dim]
-        inner = math.prod(p.shape[d] for d in p.perm[p.perm.index(p.channel_dim) + 1 :])
-        if kernels is not None and numel > 0:
-            flat = kernels.anchored_unpack(p.codes, p.flags, p.grid, p.bits, channels, inner, numel, p.dtype)
-        else:
-            flat = _anchored_unpack_torch(p, numel, channels, inner)
+        return _anchored_unpack(p, kernels, activation, scale, shift, p.dtype if dtype is None else dtype)
     elif p.layout == "mask":
         if kernels is not None and numel > 0:
             flat = kernels.mask_unpack(p.codes, numel)
@@ -213,6 +257,26 @@ def unpack(p: Packed, *, backend: str | None = None) -> torch.Tensor:
     else:
         raise InputError(f"unpack: unknown layout {p.layout!r}; expected 'group', 'anchored' or 'mask'")
     return _restore(flat, p.shape, p.perm)
+
+
+def apply_epilogue(
+    v: torch.Tensor,
+    *,
+    activation: Activation | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    channel_dim: int = 1,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """``activation(v) * scale + shift`` with :func:`unpack`'s per-channel or per-(sample, channel)
+    float32 tables broadcast over ``v``; ``inplace`` lets it overwrite ``v`` (a fresh buffer)."""
+    if activation is not None:
+        out = activation(v, inplace=inplace)
+        inplace, v = inplace or out is not v, out
+    if scale is not None:
+        view = _table_shape(v.shape, channel_dim, scale.numel())
+        v = torch.addcmul(shift.reshape(view), v, scale.reshape(view), out=v if inplace else None)
+    return v
 
 
 def triton_available() -> bool:
@@ -272,6 +336,61 @@ def _check_backend(backend: str | None) -> None:
         raise InputError(f"backend={backend!r} is not one of {_BACKENDS}")
 
 
+def _check_tables(p: Packed, scale: torch.Tensor | None, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``scale``/``shift`` as flat contiguous float32 tables on the codes' device, or None."""
+    if scale is None and shift is None:
+        return None
+    channels = p.shape[p.channel_dim]
+    sizes = (channels, p.shape[0] * channels) if p.channel_dim != 0 else (channels,)
+    tensors = isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)
+    if not tensors or scale.numel() not in sizes or shift.numel() != scale.numel():
+        got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (scale, shift)]
+        raise InputError(
+            f"unpack: scale and shift must both be tensors of {' or '.join(map(str, sizes))} elements (per channel, "
+            f"or per sample and channel); got {got[0]} and {got[1]}"
+        )
+    return tuple(t.detach().reshape(-1).to(device=p.device, dtype=torch.float32).contiguous() for t in (scale, shift))
+
+
+def _table_shape(shape: torch.Size, channel_dim: int, size: int) -> list[int]:
+    """Broadcast shape of a per-channel (C) or per-(sample, channel) (N * C) table over ``shape``."""
+    view = [1] * len(shape)
+    view[channel_dim] = shape[channel_dim]
+    if size != shape[channel_dim]:
+        view[0] = shape[0]
+    return view
+
+
+def _inner(shape: torch.Size, perm: tuple[int, ...], dim: int) -> int:
+    """Elements between consecutive indices of ``dim`` in memory order."""
+    return math.prod(shape[d] for d in perm[perm.index(dim) + 1 :])
+
+
+def _anchored_unpack(p, kernels, activation, scale, shift, dtype) -> torch.Tensor:
+    if not dtype.is_floating_point:
+        raise InputError(f"unpack: dtype must be a floating-point dtype, got {dtype}")
+    tables = _check_tables(p, scale, shift)
+    numel, channels = p.numel, p.shape[p.channel_dim]
+    inner = _inner(p.shape, p.perm, p.channel_dim)
+    fused = kernels.activation_code(activation) if kernels is not None and numel > 0 else None
+    if fused is not None:
+        slope = activation.negative_slope if activation is not None else 0.0
+        batch_inner = _inner(p.shape, p.perm, 0)
+        flat = kernels.anchored_unpack(
+            p.codes, p.flags, p.grid, p.bits, channels, inner, numel, dtype,
+            activation=fused, negative_slope=slope, tables=tables, batch=p.shape[0], batch_inner=batch_inner,
+        )  # fmt: skip
+        return _restore(flat, p.shape, p.perm)
+    if kernels is not None and numel > 0:
+        flat = kernels.anchored_unpack(p.codes, p.flags, p.grid, p.bits, channels, inner, numel, torch.float32)
+    else:
+        flat = _anchored_unpack_torch(p, numel, channels, inner)
+    v = _restore(flat, p.shape, p.perm)
+    scale, shift = tables if tables is not None else (None, None)
+    v = apply_epilogue(v, activation=activation, scale=scale, shift=shift, channel_dim=p.channel_dim, inplace=True)
+    return v.to(dtype)
+
+
 # ----------------------------------------------------------------------------- layout helpers
 
 
@@ -313,7 +432,7 @@ def _pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).view(-1)[:numel]
+    return (packed.unsqueeze(1) >> shifts).bitwise_and_((1 << bits) - 1).view(-1)[:numel]
 
 
 def _special_codes(x: torch.Tensor, code: torch.Tensor, top: torch.Tensor | int) -> torch.Tensor:
@@ -446,14 +565,20 @@ def _anchored_pack_torch(flat, bits, grid, channels, inner, stochastic):
 
 
 def _anchored_unpack_torch(p: Packed, numel: int, channels: int, inner: int) -> torch.Tensor:
+    """The rebuilt values in memory order, float32, computed in place in one float buffer."""
     if numel == 0:
-        return p.codes.new_zeros(0, dtype=p.dtype)
+        return p.codes.new_zeros(0, dtype=torch.float32)
     n = 1 << p.bits
     step, shift = p.grid[:, 0].view(1, channels, 1), p.grid[:, 2].view(1, channels, 1)
-    code = _unpack_bits(p.codes, p.bits, numel).view(-1, channels, inner).to(torch.int32)
+    code = _unpack_bits(p.codes, p.bits, numel).view(-1, channels, inner)
     flagged = _per_element(p.flags.bool(), numel).view_as(code)
-    shift, _, _ = _anchored_flagged_grid(flagged, shift, p.bits)
-    value = ((code.to(torch.float32) - shift) + 0.5) * step
-    special = torch.where(code == 0, -math.inf, torch.where(code == n - 1, math.inf, math.nan))
-    value = torch.where(flagged & ((code == 0) | (code >= n - 2)), special, value)
-    return value.view(-1).to(p.dtype)
+    flagged_shift, _, _ = _anchored_flagged_grid(torch.ones_like(shift, dtype=torch.bool), shift, p.bits)
+    # ((code - shift) + 0.5) * step as the kernel computes it: the terms are exact integers until the
+    # multiply, so subtracting the flagged blocks' shift correction separately changes no bit.
+    value = code.to(torch.float32).sub_(shift)
+    value.addcmul_(flagged, flagged_shift - shift, value=-1)
+    value.add_(0.5).mul_(step)
+    value.masked_fill_(flagged & (code == 0), -math.inf)
+    value.masked_fill_(flagged & (code == n - 2), math.nan)
+    value.masked_fill_(flagged & (code == n - 1), math.inf)
+    return value.view(-1)

@@ -45,10 +45,18 @@ from typing import Any
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
-from graphpass.quantize import DEFAULT_GROUP_SIZE, Packed, pack_anchored, pack_groups, pack_mask, unpack
+from graphpass.quantize import (
+    DEFAULT_GROUP_SIZE,
+    Activation,
+    Packed,
+    apply_epilogue,
+    pack_anchored,
+    pack_groups,
+    pack_mask,
+    unpack,
+)
 from graphpass.save_recorder import record_pack
 
 __all__ = [
@@ -184,7 +192,7 @@ def quantize_layer(
     if session is not None:
         session.quantize_layer(
             layer, y, weight, bias, bits=bits, norm=norm,
-            activation=_Activation(activation, negative_slope, approximate), proxy=proxy,
+            activation=Activation(activation, negative_slope, approximate), proxy=proxy,
         )  # fmt: skip
     return y
 
@@ -255,39 +263,15 @@ def _unpack(handle: Any) -> torch.Tensor:
 # ----------------------------------------------------------------------------- layers
 
 
-@dataclass(frozen=True)
-class _Activation:
-    name: str
-    negative_slope: float = 0.01
-    approximate: str = "none"
-
-    def __call__(self, v: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        if self.name == "relu":
-            return torch.relu_(v) if inplace else torch.relu(v)
-        if self.name == "relu6":
-            return F.hardtanh(v, 0.0, 6.0, inplace=inplace)
-        if self.name == "leaky_relu":
-            return F.leaky_relu(v, self.negative_slope, inplace=inplace)
-        if self.name == "silu":
-            return F.silu(v, inplace=inplace)
-        if self.name == "gelu":
-            return F.gelu(v, approximate=self.approximate)
-        if self.name == "hardswish":
-            return F.hardswish(v, inplace=inplace)
-        if self.name == "mish":
-            return F.mish(v, inplace=inplace)
-        return v
-
-
 class _Layer:
     """One Conv -> Norm -> Act layer: its single stored copy and the per-channel floats to rebuild
-    every role from it as ``stored * scale + shift`` (then the activation)."""
+    every role from it in one unpack pass, as ``activation(stored) * scale + shift`` (see _epilogue)."""
 
     def __init__(self, index: int, x: torch.Tensor) -> None:
         self.index = index
         self.format = "full"  # as reported to the save recorder: "q4-layer", "exact-layer", or a fallback format
         self.input: torch.Tensor | None = x  # held only between layer_input and quantize_layer
-        self.activation = _Activation("none")
+        self.activation = Activation("none")
         self.stored_role = ""  # "output" (pre-activation) or "input"
         self.stored: Packed | torch.Tensor | None = None  # a tensor when quantization is disabled
         self.other_role = ""  # the role rebuilt by the affine map from the stored one
@@ -307,24 +291,24 @@ class _Layer:
             return self.cache[1]
         # The norm input is the layer's last role in backward: drop the cache before rebuilding it.
         self.cache = None
-        if isinstance(self.stored, torch.Tensor):
-            v = self.stored.float()
-            fresh = v is not self.stored
+        epilogue = self._epilogue(role)
+        if isinstance(self.stored, Packed):
+            out = unpack(self.stored, dtype=dtype, **epilogue)  # one pass straight into the final tensor
         else:
-            v, fresh = unpack(self.stored).float(), True
-        # Work in place on a fresh buffer: one full-size temporary per rebuild, not two.
-        if role == "activation":
-            activated = self.activation(v, inplace=fresh)
-            fresh, v = fresh or activated is not v, activated
-            if self.post_scale is not None:
-                v = torch.addcmul(self.post_shift, v, self.post_scale, out=v if fresh else None)
-        elif role == self.other_role:
-            v = torch.addcmul(self.shift, v, self.scale, out=v if fresh else None)
-        out = v.to(dtype)
+            v = self.stored.float()
+            out = apply_epilogue(v, **epilogue, inplace=v is not self.stored).to(dtype)
         # The activation output is often unpacked twice in a row (the next conv, then the ReLU).
         if role != "input":
             self.cache = (role, out)
         return out
+
+    def _epilogue(self, role: str) -> dict[str, Any]:
+        """How ``role`` follows from the stored tensor: activation(stored) * scale + shift."""
+        if role == "activation":
+            return {"activation": self.activation, "scale": self.post_scale, "shift": self.post_shift}
+        if role == self.other_role:
+            return {"scale": self.scale, "shift": self.shift}
+        return {}
 
 
 def _affine_params(weight: torch.Tensor | None, bias: torch.Tensor | None, channels: int, like: torch.Tensor):
@@ -410,7 +394,7 @@ class _Session:
 
     def quantize_layer(
         self, index: int, y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-        *, bits: int, norm: str, activation: _Activation, proxy: tuple | None = None,
+        *, bits: int, norm: str, activation: Activation, proxy: tuple | None = None,
     ) -> None:  # fmt: skip
         layer = self.layers.get(index)
         if layer is None or layer.input is None:
@@ -453,7 +437,7 @@ class _Session:
             )  # fmt: skip
             layer.post_scale = _channel(inv_std, y)
             layer.post_shift = -_channel(mu * inv_std, y)
-            layer.activation = _Activation(activation.name if activation.name != "identity" else "none", activation.negative_slope)
+            layer.activation = Activation(activation.name if activation.name != "identity" else "none", activation.negative_slope)
         if activation.name not in ("none", "identity") or norm == "proxy_norm":
             # Store h on a grid anchored at 0 (exact activation sign); x = (h - beta) / gamma / rstd + mean.
             inv_gamma = torch.where(gamma.abs() > _TINY_GAMMA, 1.0 / gamma, torch.zeros_like(gamma))

@@ -21,6 +21,7 @@ __all__ = [
     "anchored_table",
     "anchored_pack",
     "anchored_unpack",
+    "activation_code",
     "mask_pack",
     "mask_unpack",
 ]
@@ -274,10 +275,47 @@ def _anchored_pack_kernel(
     tl.store(flags_ptr + block, flagged.to(tl.uint8))
 
 
-@triton.jit(do_not_specialize=_DIVISORS)
+# Activations the unpack kernel applies itself, as graphpass.quantize.Activation computes them.
+_ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "hardswish": 4, "silu": 5, "gelu": 6}
+
+
+def activation_code(activation) -> int | None:
+    """The unpack kernel's code for a graphpass.quantize.Activation (0 for None), or None where the
+    kernel has no form of it (mish, tanh-approximated gelu)."""
+    if activation is None:
+        return 0
+    if activation.name == "mish" or (activation.name == "gelu" and activation.approximate != "none"):
+        return None
+    return _ACTIVATION_CODES.get(activation.name, 0)  # any other name is the identity
+
+
+@triton.jit
+def _activate(v, ACTIVATION: tl.constexpr, negative_slope):
+    # PyTorch's CPU formulas, NaN propagating like them (comparisons, not min/max, decide).
+    if ACTIVATION == 1:
+        v = tl.where(v < 0, 0.0, v)
+    elif ACTIVATION == 2:
+        v = tl.where(v < 0, 0.0, tl.where(v > 6.0, 6.0, v))
+    elif ACTIVATION == 3:
+        v = tl.where(v > 0, v, v * negative_slope)
+    elif ACTIVATION == 4:
+        v = tl.math.div_rn(v * tl.minimum(tl.maximum(v + 3.0, 0.0), 6.0), tl.full(v.shape, 6.0, tl.float32))
+    elif ACTIVATION == 5:
+        v = tl.math.div_rn(v, 1.0 + tl.exp(-v))
+    elif ACTIVATION == 6:
+        v = v * 0.5 * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    return v
+
+
+_SAMPLE_DIVISORS = ["n_magic", "n_shift", "bi_magic", "bi_shift"]
+
+
+@triton.jit(do_not_specialize=_DIVISORS + _SAMPLE_DIVISORS)
 def _anchored_unpack_kernel(
-    codes_ptr, flags_ptr, table_ptr, out_ptr, numel, channels, inner, ch_magic, ch_shift, in_magic, in_shift,
+    codes_ptr, flags_ptr, table_ptr, scale_ptr, shift_ptr, out_ptr, numel, channels, inner,
+    ch_magic, ch_shift, in_magic, in_shift, batch, batch_inner, n_magic, n_shift, bi_magic, bi_shift, negative_slope,
     BITS: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr, INNER_IS_ONE: tl.constexpr,
+    ACTIVATION: tl.constexpr, AFFINE: tl.constexpr, PER_SAMPLE: tl.constexpr, BATCH_INNER_IS_ONE: tl.constexpr,
 ):  # fmt: skip
     PER: tl.constexpr = 8 // BITS
     N: tl.constexpr = 1 << BITS
@@ -285,12 +323,22 @@ def _anchored_unpack_kernel(
     valid = offs < numel
     packed = tl.load(codes_ptr + byte, mask=byte * PER < numel, other=0)
     code = (packed.to(tl.int32)[:, None] >> (lane * BITS)[None, :]) & (N - 1)
-    row = _channel_of(offs, channels, inner, ch_magic, ch_shift, in_magic, in_shift, WIDE, INNER_IS_ONE) * 3
+    channel = _channel_of(offs, channels, inner, ch_magic, ch_shift, in_magic, in_shift, WIDE, INNER_IS_ONE)
+    row = channel * 3
     flagged = tl.load(flags_ptr + block) != 0
     shift, _, _ = _anchored_flagged_grid(flagged, tl.load(table_ptr + row + 2), N)
     value = ((code.to(tl.float32) - shift) + 0.5) * tl.load(table_ptr + row)
     special = tl.where(code == 0, -float("inf"), tl.where(code == N - 1, float("inf"), float("nan")))
     value = tl.where(flagged & ((code == 0) | (code >= N - 2)), special, value)
+    # Epilogue (graphpass.quantize.apply_epilogue): activation(value) * scale + shift, then one rounding.
+    value = _activate(value, ACTIVATION, negative_slope)
+    if AFFINE:
+        index = channel
+        if PER_SAMPLE:
+            sample = _channel_of(offs, batch, batch_inner, n_magic, n_shift, bi_magic, bi_shift, WIDE, BATCH_INNER_IS_ONE)
+            index = sample * channels + channel
+        # torch.addcmul on the CPU is a fused multiply-add too (the interpreter rounds twice).
+        value = tl.fma(value, tl.load(scale_ptr + index), tl.load(shift_ptr + index))
     tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=valid)
 
 
@@ -319,11 +367,20 @@ def anchored_pack(flat, bits: int, grid, channels: int, inner: int, stochastic: 
     return codes, flags
 
 
-def anchored_unpack(codes, flags, grid, bits: int, channels: int, inner: int, numel: int, dtype) -> torch.Tensor:
+def anchored_unpack(
+    codes, flags, grid, bits: int, channels: int, inner: int, numel: int, dtype,
+    *, activation: int = 0, negative_slope: float = 0.0, tables=None, batch: int = 1, batch_inner: int = 1,
+) -> torch.Tensor:  # fmt: skip
+    """Unpack with the epilogue ``activation(v) * scale + shift``; ``tables`` = (scale, shift), flat
+    float32, per channel or per (sample, channel) where a sample is ``(offset // batch_inner) % batch``."""
     out = torch.empty(numel, dtype=dtype, device=codes.device)
+    scale, shift = tables if tables is not None else (grid, grid)  # unread without AFFINE
     _anchored_unpack_kernel[(flags.numel(),)](
-        codes, flags, grid, out, numel, channels, inner, *_magic(channels), *_magic(inner),
-        BITS=bits, BLOCK=FLAG_BLOCK, WIDE=_wide(numel), INNER_IS_ONE=inner == 1, num_warps=_NUM_WARPS,
+        codes, flags, grid, scale, shift, out, numel, channels, inner, *_magic(channels), *_magic(inner),
+        batch, batch_inner, *_magic(batch), *_magic(batch_inner), negative_slope,
+        BITS=bits, BLOCK=FLAG_BLOCK, WIDE=_wide(numel), INNER_IS_ONE=inner == 1,
+        ACTIVATION=activation, AFFINE=tables is not None, PER_SAMPLE=tables is not None and scale.numel() != channels,
+        BATCH_INNER_IS_ONE=batch_inner == 1, num_warps=_NUM_WARPS,
     )  # fmt: skip
     return out
 
