@@ -12,6 +12,7 @@ from graphpass import runtime
 from graphpass.errors import InputError
 from graphpass.meta import META_QUANT
 from graphpass.proxy_norm import ProxyNormAct, ScaledGroupNorm
+from graphpass.quantize import Packed, unpack
 from graphpass.save_recorder import recording
 from graphpass.tracing import trace
 from passes.insert_quantize_on_save import insert_quantize_on_save
@@ -245,6 +246,55 @@ def test_layer_keeps_one_quantized_copy_per_layer():
     assert [fmt for fmt, _, _ in stored] == ["q4-layer", "q4-layer"]
     numel = 4 * 8 * 12 * 12
     assert all(n < numel // 2 + 1024 for _, _, n in stored)  # 4 bits per element plus per-channel floats
+
+
+@pytest.mark.parametrize("norm,act", [("bn", "relu"), ("bn", "none"), ("gn", "silu"), ("bn", "gelu_tanh"), ("proxy", "relu")])
+def test_layer_roles_are_rebuilt_in_one_unpack(norm, act, monkeypatch):
+    """With quantization on, each role backward asks for is one unpack call with the epilogue, and
+    equals unpacking the stored copy and then applying the layer's activation and per-channel floats."""
+    if norm == "proxy":
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ProxyNormAct(8, 2, activation=act), nn.Conv2d(8, 8, 3)).train()
+        with torch.no_grad():
+            model[1].proxy_weight.uniform_(-0.2, 0.2), model[1].proxy_bias.uniform_(-0.2, 0.2)
+    else:
+        model = conv_norm_act(norm, act, False).train()
+    x = torch.randn(4, 3, 12, 12)
+    gm = transformed(model, x, bits=4)
+    unpack_calls, rebuilt = [], []
+    rebuild = runtime._Layer.rebuild
+
+    def recording_rebuild(layer, role, dtype):
+        before = len(unpack_calls)
+        out = rebuild(layer, role, dtype)
+        rebuilt.append((layer, role, out, unpack_calls[before:]))
+        return out
+
+    def counting_unpack(*args, **kwargs):
+        unpack_calls.append(kwargs)
+        return unpack(*args, **kwargs)
+
+    monkeypatch.setattr(runtime._Layer, "rebuild", recording_rebuild)
+    monkeypatch.setattr(runtime, "unpack", counting_unpack)
+    step(gm, x)
+    checked = set()
+    for layer, role, out, calls in rebuilt:
+        if not isinstance(layer.stored, Packed) or (role == "input" and not calls):
+            continue  # the norm reading its input during the forward pass
+        assert len(calls) <= 1, (role, calls)  # none: the activation output cached from its previous rebuild
+        if calls and role != layer.stored_role:  # the epilogue went into the unpack
+            assert calls[0].get("activation") is not None or calls[0].get("scale") is not None, (role, calls)
+        v = unpack(layer.stored).float()
+        if role == "activation":
+            expected = layer.activation(v)
+            if layer.post_scale is not None:
+                expected = torch.addcmul(layer.post_shift, expected, layer.post_scale)
+        elif role == layer.other_role:
+            expected = torch.addcmul(layer.shift, v, layer.scale)
+        else:
+            expected = v
+        assert torch.equal(out, expected.to(out.dtype)), role
+        checked.add(role)
+    assert checked >= ({"input", "output"} if act == "none" else {"input", "activation"}), checked
 
 
 def test_shared_tensor_is_stored_once_and_masks_take_one_bit():

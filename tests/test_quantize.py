@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from graphpass.errors import InputError
 from graphpass.quantize import (
     FLAG_BLOCK,
+    Activation,
     anchored_grid,
     pack_anchored,
     pack_groups,
@@ -273,6 +274,77 @@ def test_bad_arguments_are_clear_errors():
         pack_mask(x)
 
 
+# ----------------------------------------------------------------------------- fused epilogue
+
+EPILOGUE_ACTIVATIONS = {
+    "none": None, "relu": Activation("relu"), "relu6": Activation("relu6"),
+    "leaky_relu": Activation("leaky_relu", 0.2), "hardswish": Activation("hardswish"), "silu": Activation("silu"),
+    "gelu": Activation("gelu"), "gelu_tanh": Activation("gelu", approximate="tanh"), "mish": Activation("mish"),
+}  # fmt: skip
+EPILOGUE_LAYOUTS = ["nchw", "channels_last", "batch_inside", "channel_last_dim"]
+
+
+def _epilogue_case(layout, device="cpu"):
+    """A packed tensor of three flag blocks (NaN/Inf in the first only), its channel dim, and tables:
+    none, per channel (C,), per sample and channel (N, C)."""
+    if layout == "batch_inside":  # memory order (channel, sample, position): the sample is not outermost
+        v, channel_dim = torch.randn(6, 4, 99, device=device).permute(1, 0, 2), 1
+    elif layout == "channel_last_dim":
+        v, channel_dim = torch.randn(4, 99, 6, device=device), 2
+    else:
+        v, channel_dim = torch.randn(4, 6, 9, 11, device=device) * 2, 1
+        if layout == "channels_last":
+            v = v.to(memory_format=torch.channels_last)
+    mean, std = _channel_stats(v, channel_dim)
+    in_memory_order = v.permute(sorted(range(v.dim()), key=lambda d: -v.stride(d)))
+    in_memory_order.view(-1)[[3, 5, 7]] = v.new_tensor([math.nan, math.inf, -math.inf])
+    p = pack_anchored(v, 4, mean=mean, std=std, channel_dim=channel_dim)
+    n, c = v.shape[0], v.shape[channel_dim]
+    tables = [None] + [tuple(torch.randn(shape, device=device) for _ in range(2)) for shape in [(c,), (n, c)]]
+    return p, channel_dim, tables
+
+
+def _unpack_then_ops(p, channel_dim, activation, tables, dtype=torch.float32):
+    """The unfused reference: unpack, activation, multiply-add with the tables broadcast by hand."""
+    v = unpack(p, backend="torch").float()
+    if activation is not None:
+        v = activation(v)
+    if tables is not None:
+        scale, shift = tables
+        view = [1] * v.dim()
+        view[channel_dim] = v.shape[channel_dim]
+        if scale.dim() == 2:
+            view[0] = v.shape[0]
+        v = torch.addcmul(shift.reshape(view), v, scale.reshape(view), out=torch.empty_like(v))  # v's layout
+    return v.to(dtype)
+
+
+@pytest.mark.parametrize("layout", EPILOGUE_LAYOUTS)
+@pytest.mark.parametrize("activation", list(EPILOGUE_ACTIVATIONS))
+def test_epilogue_equals_unpack_then_ops(layout, activation):
+    """PyTorch path: bit for bit what unpacking and then applying the ops gives, in the input's layout."""
+    act = EPILOGUE_ACTIVATIONS[activation]
+    p, channel_dim, tables = _epilogue_case(layout)
+    for t in tables:
+        for dtype in (torch.float32, torch.bfloat16):
+            scale, shift = t if t is not None else (None, None)
+            got = unpack(p, activation=act, scale=scale, shift=shift, dtype=dtype, backend="torch")
+            _assert_same_values(got, _unpack_then_ops(p, channel_dim, act, t, dtype))
+
+
+def test_epilogue_bad_arguments_are_clear_errors():
+    v = torch.randn(2, 3, 4)
+    p = pack_anchored(v, 4, mean=torch.zeros(3), std=torch.ones(3))
+    with pytest.raises(InputError, match="anchored layout"):
+        unpack(pack_groups(v, 4), activation=Activation("relu"))
+    with pytest.raises(InputError, match="scale and shift"):
+        unpack(p, scale=torch.ones(3))
+    with pytest.raises(InputError, match="3 or 6 elements"):
+        unpack(p, scale=torch.ones(4), shift=torch.ones(4))
+    with pytest.raises(InputError, match="floating-point"):
+        unpack(p, dtype=torch.int32)
+
+
 # ----------------------------------------------------------------------------- Triton kernels
 
 
@@ -350,6 +422,49 @@ def test_triton_anchored_kernels_match_pytorch(bits, channels_last):
     _assert_same_values(unpack(ref, backend="triton"), unpack(ref, backend="torch"))
 
 
+def _assert_epilogue_close(got, ref, product, ulps):
+    """Same NaN/Inf, finite values within ``ulps`` float32 ulps of ``product`` (|activation * scale|,
+    see the caller) + |result|: the interpreter rounds the product before adding (compiled Triton and
+    torch.addcmul fuse it)."""
+    assert got.dtype == ref.dtype and got.shape == ref.shape and got.stride() == ref.stride()
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
+    finite = torch.isfinite(ref)
+    assert torch.equal(got[~finite].nan_to_num(), ref[~finite].nan_to_num())
+    bound = ulps * 2.0**-23 * (product + ref.abs() + got.abs())[finite]
+    assert ((got - ref).abs()[finite] <= bound).all()
+
+
+def _epilogue_against_pytorch(p, channel_dim, act, tables, backend):
+    """Runs the epilogue on ``backend`` and checks it against the PyTorch path (see the tests)."""
+    name = act.name if act is not None else "none"
+    transcendental = name in ("silu", "gelu") and act.approximate == "none"
+    in_pytorch = name == "mish" or (name == "gelu" and act.approximate != "none")  # no Triton form
+    for t in tables:
+        scale, shift = t if t is not None else (None, None)
+        got = unpack(p, activation=act, scale=scale, shift=shift, backend=backend)
+        ref = unpack(p, activation=act, scale=scale, shift=shift, backend="torch")
+        if (t is None and not transcendental) or in_pytorch:
+            _assert_same_values(got, ref)
+        else:
+            scaled = None if t is None else (scale, torch.zeros_like(shift))
+            product = _unpack_then_ops(p, channel_dim, act, scaled).abs()
+            if transcendental:  # gelu's 1 + erf(v) cancels for v << 0: its error scales with |v|
+                product += _unpack_then_ops(p, channel_dim, None, scaled).abs()
+            _assert_epilogue_close(got.cpu(), ref.cpu(), product.cpu(), 4 if transcendental else 1)
+
+
+@needs_interpreter
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy: -inf * 0 in silu/hardswish is meant
+@pytest.mark.parametrize("layout", EPILOGUE_LAYOUTS)
+@pytest.mark.parametrize("activation", list(EPILOGUE_ACTIVATIONS))
+def test_triton_epilogue_matches_pytorch(layout, activation):
+    """Piecewise-linear activations alone are bit-identical; with scale and shift the interpreter's
+    unfused multiply-add may differ by one rounding; silu and gelu (exp/erf of numpy against PyTorch's)
+    by a few ulps; mish and tanh-gelu run in PyTorch after the kernel, bit-identical."""
+    p, channel_dim, tables = _epilogue_case(layout)
+    _epilogue_against_pytorch(p, channel_dim, EPILOGUE_ACTIVATIONS[activation], tables, "triton")
+
+
 @needs_interpreter
 @pytest.mark.parametrize("shape", [(13,), (2, 3, 50, 9)])
 def test_triton_mask_kernels_match_pytorch(shape):
@@ -410,3 +525,12 @@ def test_cuda_uses_triton_and_keeps_the_guarantees(bits):
         torch.testing.assert_close(unpack(g).cpu(), unpack(ref, backend="torch").cpu(), rtol=1e-6, atol=1e-6, equal_nan=True)
     m = plain > 0
     assert torch.equal(unpack(pack_mask(m)), m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", list(EPILOGUE_ACTIVATIONS))
+def test_cuda_epilogue_matches_pytorch(activation):
+    """Compiled kernel (fused multiply-add, the GPU's exp and erf) against the PyTorch path."""
+    for layout in EPILOGUE_LAYOUTS:
+        p, channel_dim, tables = _epilogue_case(layout, device="cuda")
+        _epilogue_against_pytorch(p, channel_dim, EPILOGUE_ACTIVATIONS[activation], tables, None)
