@@ -225,7 +225,8 @@ def train(
 def add_training_args(p: argparse.ArgumentParser, *, epochs: int, lr: float) -> None:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...) averaged per method")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds averaged per method")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST_SEED, FIRST_SEED+1, ...")
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate (cosine schedule)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
@@ -254,7 +255,7 @@ def run_all(args: argparse.Namespace, build: Callable[[], nn.Module], data: Data
     results: dict[str, list[float]] = {}
     for method in methods:
         results[method] = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             acc = train(
                 build,
                 method,
