@@ -540,6 +540,7 @@ def _anchored_flagged_grid(flagged: torch.Tensor, shift: torch.Tensor, bits: int
 
 
 def _anchored_pack_torch(flat, bits, grid, channels, inner, stochastic):
+    """The kernel's codes, computed in place in one float buffer (plus byte-wide masks)."""
     numel = flat.numel()
     if numel == 0:
         return flat.new_zeros(0, dtype=torch.uint8), flat.new_zeros(0, dtype=torch.uint8)
@@ -548,20 +549,33 @@ def _anchored_pack_torch(flat, bits, grid, channels, inner, stochastic):
     inv, shift = grid[:, 1].view(1, channels, 1), grid[:, 2].view(1, channels, 1)
     finite = torch.isfinite(x)
     blocks = -(-numel // FLAG_BLOCK)
-    flagged = ~_pad(finite.view(-1), FLAG_BLOCK, value=True).view(blocks, FLAG_BLOCK).all(1)
-    shift, lowest, highest = _anchored_flagged_grid(_per_element(flagged, numel).view_as(x), shift, bits)
-    xs = torch.where(finite, x, 0.0)
-    t = xs * inv
+    block_flagged = ~_pad(finite.view(-1), FLAG_BLOCK, value=True).view(blocks, FLAG_BLOCK).all(1)
+    r = torch.where(finite, x, 0.0)
+    del finite
+    positive = r > 0
+    r.mul_(inv)
     if stochastic:
-        r = torch.floor(t + (torch.rand_like(t) - 0.5))
+        r.add_(torch.rand_like(r).sub_(0.5)).floor_()
     else:
-        r = torch.ceil(t) - 1.0
+        r.ceil_().sub_(1.0)
     # Exact sign even where v * inv underflows or stochastic rounding would cross zero.
-    r = torch.where(xs > 0, r.clamp_min(0.0), r.clamp_max(-1.0))
-    code = torch.minimum(torch.maximum(r + shift, lowest), highest).to(torch.int32)
-    code = torch.where(x != x, n - 2, torch.where(x == math.inf, n - 1, torch.where(x == -math.inf, 0, code)))
-    codes = _pack_bits(_pad(code.view(-1).to(torch.uint8), 8 // bits), bits)
-    return codes, flagged.to(torch.uint8)
+    r.masked_fill_(positive & (r < 0), 0.0)
+    r.masked_fill_(~positive & (r > -1), -1.0)
+    del positive
+    # + shift, then clamp to the finite codes; flagged blocks use their own shift and range (the
+    # kernel's per-element grid). Exact: r is an integer, or so large that every form clamps alike.
+    flagged_shift, _, _ = _anchored_flagged_grid(torch.ones_like(shift, dtype=torch.bool), shift, bits)
+    flagged = _per_element(block_flagged, numel).view_as(x)
+    r.add_(shift).addcmul_(flagged, flagged_shift - shift).clamp_(0.0, n - 1.0)
+    r.masked_fill_(flagged & (r < 1), 1.0)
+    r.masked_fill_(flagged & (r > n - 3), n - 3.0)
+    code = r.to(torch.uint8)
+    del r
+    code.masked_fill_(x != x, n - 2)
+    code.masked_fill_(x == math.inf, n - 1)
+    code.masked_fill_(x == -math.inf, 0)
+    codes = _pack_bits(_pad(code.view(-1), 8 // bits), bits)
+    return codes, block_flagged.to(torch.uint8)
 
 
 def _anchored_unpack_torch(p: Packed, numel: int, channels: int, inner: int) -> torch.Tensor:
