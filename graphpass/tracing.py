@@ -105,7 +105,7 @@ class _Tracer(torch.fx.Tracer):
 
     def __init__(self, leaf_types: tuple[type, ...], autowrap_functions: tuple = ()) -> None:
         super().__init__(autowrap_functions=autowrap_functions)
-        self.leaf_types = leaf_types + _mode_dependent_leaves()
+        self.leaf_types = leaf_types + _default_leaves()
         self.gp_module_stack: list[str] = [""]
         self.failed_module: str | None = None  # innermost module whose forward raised
 
@@ -130,10 +130,17 @@ class _Tracer(torch.fx.Tracer):
         return node
 
 
-def _mode_dependent_leaves() -> tuple[type, ...]:
-    """Modules whose forward branches on ``self.training``: traced inline, the branch taken at trace
-    time would be baked into the graph (random drops even in eval), so they stay opaque calls."""
-    leaves: list[type] = []
+def _default_leaves() -> tuple[type, ...]:
+    """Modules that always stay opaque calls.
+
+    graphpass's own norm modules, so re-tracing a transformed model keeps them as modules (export
+    and compression find them by type); and modules whose forward branches on ``self.training``:
+    traced inline, the branch taken at trace time would be baked into the graph (random drops even
+    in eval).
+    """
+    from graphpass.proxy_norm import ProxyNormAct, ScaledGroupNorm
+
+    leaves: list[type] = [ProxyNormAct, ScaledGroupNorm]
     try:
         from torchvision.ops import StochasticDepth
 

@@ -59,3 +59,12 @@ def test_stochastic_depth_follows_train_and_eval_after_tracing():
     assert torch.equal(gm(x), model.eval()(x))  # eval: no random drops baked in at trace time
     gm.train()
     assert (gm(x) == 0).all(dim=1).any()  # train: rows are dropped
+
+
+def test_retracing_a_transformed_model_keeps_proxy_norm_modules():
+    from graphpass.proxy_norm import ProxyNormAct
+
+    gm = gp.transform(SmallResNet(), (torch.randn(2, 3, 16, 16),), bits=None, norm="gn+pn")
+    again = gp.trace(gm)
+    modules = [again.get_submodule(n.target) for n in again.graph.nodes if n.op == "call_module"]
+    assert sum(isinstance(m, ProxyNormAct) for m in modules) == 2
