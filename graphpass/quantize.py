@@ -510,14 +510,19 @@ def _group_pack_torch(flat: torch.Tensor, bits: int, group_size: int, num_groups
     base = torch.where(top > 0, lo, lo * 0.5 + hi * 0.5)
     inv = torch.where(step > 0, 1.0 / torch.where(step > 0, step, 1.0), 0.0)
     inv = torch.where(inv < math.inf, inv, 0.0)
-    t = (torch.where(finite, x, 0.0) - base[:, None]) * inv[:, None]
-    t = torch.where(inv[:, None] > 0, t, 0.0)
-    t = t + (torch.rand_like(t) if stochastic else 0.5)
-    q = torch.minimum(torch.floor(t).clamp_min_(0.0), top[:, None].to(torch.float32))
-    code = _special_codes(x, q.to(torch.int32), top[:, None]).view(-1)
+    # The kernel's expressions, in place in one float buffer.
+    t = torch.where(finite, x, 0.0)
+    del finite
+    t.sub_(base[:, None]).mul_(inv[:, None])
+    t.masked_fill_(~(inv[:, None] > 0), 0.0)
+    t.add_(torch.rand_like(t) if stochastic else 0.5).floor_().clamp_min_(0.0)
+    code = torch.minimum(t, top[:, None].to(torch.float32), out=t).to(torch.uint8)
+    del t
+    # In uint8, top + 1 wraps to 0 only in groups without NaN/Inf, where no special code is chosen.
+    code = _special_codes(x, code, top[:, None].to(torch.uint8)).view(-1)
     if numel % group_size:
         code[numel:] = 0
-    codes = _pack_bits(code.to(torch.uint8), bits)
+    codes = _pack_bits(code, bits)
     return codes, torch.stack([base, step], 1), flagged.to(torch.uint8)
 
 
