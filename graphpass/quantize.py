@@ -229,8 +229,8 @@ def unpack(
 ) -> torch.Tensor:
     """Rebuild the tensor ``p`` was packed from: same shape, dtype and memory layout.
 
-    Anchored layout only, an epilogue in the same pass: ``activation(v) * scale + shift`` computed in
-    float32 on the rebuilt value ``v`` and rounded once to ``dtype`` (default ``p.dtype``). ``scale``
+    Anchored layout: optionally an epilogue in the same pass, ``activation(v) * scale + shift`` computed
+    in float32 on the rebuilt value ``v`` and rounded once to ``dtype`` (default ``p.dtype``). ``scale``
     and ``shift`` (together) hold one float per channel (C elements) or per sample and channel
     (``shape[0] * C`` elements, row-major). This is :func:`apply_epilogue` on the plain unpacked value
     in float32; the Triton kernel fuses the multiply-add as ``torch.addcmul`` does on FMA-capable CPUs.
