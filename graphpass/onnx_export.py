@@ -163,9 +163,10 @@ def _is_compression_node(node: torch.fx.Node) -> bool:
     return is_compression_node(node)
 
 
-# Functions fx records as calls with the trace-time ``training`` flag baked in (torchvision wraps
-# stochastic_depth with torch.fx.wrap), so eval() does not switch them off; at inference they are
-# the identity on their first argument.
+# Functions fx records as calls with the trace-time ``training`` flag baked in (torchvision's
+# fx-wrapped stochastic_depth, F.dropout(..., training=True)), so eval() does not
+# switch them off; at inference they are the identity on their first argument. (The StochasticDepth
+# and DropPath modules stay opaque calls when traced, so eval() handles those.)
 _TRAINING_ONLY_FUNCTIONS = frozenset(
     {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout}
 )
