@@ -189,15 +189,18 @@ def _mib(nbytes: int | None) -> str:
 
 def live_bytes(tensors: Sequence[PlannedTensor], num_steps: int) -> np.ndarray:
     """Bytes live at each step (int64 array of length ``num_steps``)."""
+    starts = np.fromiter((t.start for t in tensors), np.int64, len(tensors))
+    ends = np.fromiter((t.end for t in tensors), np.int64, len(tensors))
+    sizes = np.fromiter((t.nbytes for t in tensors), np.int64, len(tensors))
+    if len(tensors) and (starts.min() < 0 or ends.max() > num_steps):
+        raise PlanError(f"a live range lies outside steps [0, {num_steps})")
+    return _profile(starts, ends, sizes, num_steps)
+
+
+def _profile(starts: np.ndarray, ends: np.ndarray, sizes: np.ndarray, num_steps: int) -> np.ndarray:
     delta = np.zeros(num_steps + 1, dtype=np.int64)
-    if tensors:
-        starts = np.fromiter((t.start for t in tensors), np.int64, len(tensors))
-        ends = np.fromiter((t.end for t in tensors), np.int64, len(tensors))
-        sizes = np.fromiter((t.nbytes for t in tensors), np.int64, len(tensors))
-        if starts.min() < 0 or ends.max() > num_steps:
-            raise PlanError(f"a live range lies outside steps [0, {num_steps})")
-        np.add.at(delta, starts, sizes)
-        np.add.at(delta, ends, -sizes)
+    np.add.at(delta, starts, sizes)
+    np.add.at(delta, ends, -sizes)
     return np.cumsum(delta[:-1])
 
 
@@ -210,17 +213,61 @@ def lower_bound(tensors: Sequence[PlannedTensor], num_steps: int) -> int:
 
 # Offset-assignment orderings. Every one places tensors in its order at the best-fitting gap
 # (the smallest hole between tensors already placed that overlap it in time), else on top.
-# Sort keys take (nbytes, start, end, index) and break ties deterministically by index.
+# An ordering maps the arena's (starts, ends, sizes) arrays to the order of placement.
+Ordering = Callable[[np.ndarray, np.ndarray, np.ndarray], list[int]]
 SortKey = Callable[[int, int, int, int], tuple]
-ALGORITHMS: dict[str, SortKey] = {
+
+
+def _by_key(key: SortKey) -> Ordering:
+    """An ordering by a key of (nbytes, start, end, index); ties break deterministically by index."""
+
+    def order(starts: np.ndarray, ends: np.ndarray, sizes: np.ndarray) -> list[int]:
+        return sorted(range(len(sizes)), key=lambda j: key(int(sizes[j]), int(starts[j]), int(ends[j]), j))
+
+    return order
+
+
+def _peak_first(starts: np.ndarray, ends: np.ndarray, sizes: np.ndarray) -> list[int]:
+    """Tensors live at the peak step first (largest first), then the rest by size.
+
+    The arena reaches the lower bound only if the tensors live at the peak are stacked without
+    gaps; placing them first does that. In compressed graphs greedy-by-size fails here: large
+    short-lived forward activations go first and push the small long-lived compressed copies,
+    which are live at a backward peak, up above them.
+    """
+    if not len(sizes):
+        return []
+    peak = int(_profile(starts, ends, sizes, int(ends.max())).argmax())
+    at_peak = (starts <= peak) & (peak < ends)
+    return sorted(range(len(sizes)), key=lambda j: (not at_peak[j], -int(sizes[j]), -int(ends[j] - starts[j]), j))
+
+
+def _by_pressure(starts: np.ndarray, ends: np.ndarray, sizes: np.ndarray) -> list[int]:
+    """Tensors whose live range meets the most live bytes first, larger first among equals.
+
+    A generalisation of peak-first: every local peak gets its tensors stacked before tensors that
+    only live through quieter steps fill the holes.
+    """
+    if not len(sizes):
+        return []
+    profile = _profile(starts, ends, sizes, int(ends.max()))
+    pressure = [int(profile[s:e].max()) for s, e in zip(starts.tolist(), ends.tolist())]
+    return sorted(range(len(sizes)), key=lambda j: (-pressure[j], -int(sizes[j]), -int(ends[j] - starts[j]), j))
+
+
+ALGORITHMS: dict[str, Ordering] = {
     # Pisarchyk & Lee's greedy-by-size: large tensors first leave small ones to fill the holes.
-    "greedy_by_size": lambda size, start, end, i: (-size, -(end - start), start, i),
+    "greedy_by_size": _by_key(lambda size, start, end, i: (-size, -(end - start), start, i)),
     # Longest-lived first: saved activations nest like a stack between forward and backward.
-    "greedy_by_length": lambda size, start, end, i: (-(end - start), -size, start, i),
+    "greedy_by_length": _by_key(lambda size, start, end, i: (-(end - start), -size, start, i)),
     # Largest time-space rectangle first.
-    "greedy_by_area": lambda size, start, end, i: (-size * (end - start), -size, start, i),
+    "greedy_by_area": _by_key(lambda size, start, end, i: (-size * (end - start), -size, start, i)),
     # Allocation order, as a caching allocator sees the step.
-    "greedy_by_start": lambda size, start, end, i: (start, -size, i),
+    "greedy_by_start": _by_key(lambda size, start, end, i: (start, -size, i)),
+    # Tensors live at the peak step stacked first: compressed graphs' small long-lived copies.
+    "peak_first": _peak_first,
+    # Tensors through the most crowded steps first.
+    "greedy_by_pressure": _by_pressure,
 }
 
 
@@ -278,9 +325,7 @@ def assign_offsets(
     sizes = np.array([tensors[i].nbytes for i in arena], dtype=np.int64)
     best: tuple[int, str, np.ndarray] | None = None
     for name in names:
-        key = ALGORITHMS[name]
-        order = sorted(range(len(arena)), key=lambda j: key(int(sizes[j]), int(starts[j]), int(ends[j]), j))
-        offsets = _best_fit(order, starts, ends, sizes)
+        offsets = _best_fit(ALGORITHMS[name](starts, ends, sizes), starts, ends, sizes)
         size = int((offsets + sizes).max()) if len(arena) else 0
         if best is None or size < best[0]:
             best = (size, name, offsets)
