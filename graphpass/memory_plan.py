@@ -307,13 +307,27 @@ def _best_fit(order: Sequence[int], starts: np.ndarray, ends: np.ndarray, sizes:
     return offsets
 
 
+# Improvement rounds: the tensors that touch an arena's top move to the front of its ordering
+# and everything is placed again, so they settle low and others fill in above them. On compressed
+# graphs the gains came within 12 rounds per ordering (resnet50 4-bit: 1.019 -> 1.000 of the
+# bound). Each round costs about n**2 tensor pairs, so big graphs get fewer rounds: with ~1,700
+# arena tensors (resnet152, densenet121) only 6-7 rounds in all, which keeps planning quick.
+TOP_FIRST_ROUNDS = 12
+TOP_FIRST_PAIR_BUDGET = 20_000_000
+# An arena this close to the lower bound is not worth more rounds.
+CLOSE_ENOUGH = 1e-4
+
+
 def assign_offsets(
     tensors: Sequence[PlannedTensor], *, algorithms: Sequence[str] | None = None
 ) -> tuple[list[PlannedTensor], str, int]:
     """Place arena tensors with each algorithm and keep the smallest arena.
 
-    Returns (tensors with offsets set; None for non-arena ones), the winning algorithm's name,
-    and the arena size in bytes. Ties go to the algorithm listed first.
+    After one placement per ordering, improvement rounds go round-robin over the orderings (at
+    most ``TOP_FIRST_ROUNDS`` each, within ``TOP_FIRST_PAIR_BUDGET``); the search stops once an
+    arena is within ``CLOSE_ENOUGH`` of the lower bound. Returns (tensors with offsets set; None
+    for non-arena ones), the winning algorithm's name (with the rounds it took, if any), and the
+    arena size in bytes. Ties go to the algorithm listed first.
     """
     names = list(algorithms) if algorithms is not None else list(ALGORITHMS)
     unknown = [a for a in names if a not in ALGORITHMS]
@@ -323,12 +337,28 @@ def assign_offsets(
     starts = np.array([tensors[i].start for i in arena], dtype=np.int64)
     ends = np.array([tensors[i].end for i in arena], dtype=np.int64)
     sizes = np.array([tensors[i].nbytes for i in arena], dtype=np.int64)
+    bound = int(_profile(starts, ends, sizes, int(ends.max())).max()) if len(arena) else 0
+    good_enough = bound + int(bound * CLOSE_ENOUGH)
+    extra_runs = TOP_FIRST_PAIR_BUDGET // max(len(arena), 1) ** 2
     best: tuple[int, str, np.ndarray] | None = None
-    for name in names:
-        offsets = _best_fit(ALGORITHMS[name](starts, ends, sizes), starts, ends, sizes)
-        size = int((offsets + sizes).max()) if len(arena) else 0
-        if best is None or size < best[0]:
-            best = (size, name, offsets)
+    orders = {name: ALGORITHMS[name](starts, ends, sizes) for name in names}
+    for rounds in range(TOP_FIRST_ROUNDS + 1):
+        for name in names:
+            if rounds:
+                if extra_runs <= 0:
+                    break
+                extra_runs -= 1
+            offsets = _best_fit(orders[name], starts, ends, sizes)
+            tops = offsets + sizes
+            size = int(tops.max()) if len(arena) else 0
+            if best is None or size < best[0]:
+                best = (size, f"{name} + {rounds} top-first rounds" if rounds else name, offsets)
+            if best[0] <= good_enough:
+                break
+            touching = tops == size
+            orders[name] = [j for j in orders[name] if touching[j]] + [j for j in orders[name] if not touching[j]]
+        if best is not None and best[0] <= good_enough:
+            break
     assert best is not None
     arena_size, winner, offsets = best
     placed = [replace(t, offset=None) for t in tensors]
