@@ -6,7 +6,7 @@ import random
 import networkx as nx
 import pytest
 
-from graphpass import PlanError
+from graphpass import PlanError, memory_plan
 from graphpass.memory_plan import (
     ALGORITHMS,
     MemoryPlan,
@@ -89,6 +89,24 @@ def test_peak_first_stacks_the_peak_where_greedy_by_size_fragments():
     assert assign_offsets(tensors, algorithms=["peak_first"])[2] == 150
     assert assign_offsets(tensors)[2] == 150
     verify_plan(build_plan("peak", tensors, [f"s{i}" for i in range(8)], 6))
+
+
+def test_top_first_rounds_reach_the_bound_where_every_ordering_alone_does_not(monkeypatch):
+    tensors = [
+        T("t0", "activation", 40, 1, 6),
+        T("t1", "activation", 40, 2, 5),
+        T("t2", "activation", 60, 0, 2),
+        T("t3", "activation", 60, 7, 8),
+        T("t4", "activation", 40, 2, 9),
+    ]
+    steps = [f"s{i}" for i in range(10)]
+    assert lower_bound(tensors, 10) == 120
+    with monkeypatch.context() as m:
+        m.setattr(memory_plan, "TOP_FIRST_ROUNDS", 0)
+        assert assign_offsets(tensors)[2] == 140
+    _, winner, size = assign_offsets(tensors)
+    assert size == 120 and "top-first rounds" in winner
+    verify_plan(build_plan("rounds", tensors, steps, 5))
 
 
 @pytest.mark.slow
