@@ -3,13 +3,60 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
+import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from graphpass.meta import META_FROM_PASS, META_MODULE
 
-__all__ = ["module_of", "replace_submodule", "copy_meta", "call_module_nodes", "users_in_order"]
+__all__ = [
+    "module_of",
+    "replace_submodule",
+    "copy_meta",
+    "call_module_nodes",
+    "users_in_order",
+    "call_arg",
+    "flatten_tensors",
+    "MODULE_ACTIVATIONS",
+    "FUNCTION_ACTIVATIONS",
+    "METHOD_ACTIVATIONS",
+]
+
+# The activations the rewrite passes recognise after a norm, in module, functional and method form
+# (in-place variants included), by the name the runtime and ProxyNormAct use for them.
+MODULE_ACTIVATIONS: dict[type, str] = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.LeakyReLU: "leaky_relu",
+    nn.SiLU: "silu",
+    nn.GELU: "gelu",
+    nn.Hardswish: "hardswish",
+    nn.Mish: "mish",
+}
+FUNCTION_ACTIVATIONS: dict[Any, str] = {
+    torch.relu: "relu",
+    torch.relu_: "relu",
+    F.relu: "relu",
+    F.relu_: "relu",
+    F.relu6: "relu6",
+    F.leaky_relu: "leaky_relu",
+    F.leaky_relu_: "leaky_relu",
+    F.silu: "silu",
+    F.gelu: "gelu",
+    F.hardswish: "hardswish",
+    F.mish: "mish",
+}
+METHOD_ACTIVATIONS: dict[str, str] = {"relu": "relu", "relu_": "relu"}
+
+
+def call_arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` of a call node, whether passed by position or as keyword ``name``."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
 
 
 def module_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
@@ -46,3 +93,15 @@ def users_in_order(node: torch.fx.Node) -> list[torch.fx.Node]:
     """Users of ``node`` in graph order (``node.users`` is insertion-ordered, not graph-ordered)."""
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     return sorted(node.users, key=order.__getitem__)
+
+
+def flatten_tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Tensors in a value (tuples, lists and dicts flattened), in order."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from flatten_tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from flatten_tensors(v)

@@ -15,7 +15,7 @@ gradient with respect to each output is a tensor of the output's size, as with a
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,24 +23,14 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from graphpass.errors import InputError
+from graphpass.ir import flatten_tensors
 
 __all__ = ["training_loss", "measure_training_step", "StorageTracker"]
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-
-
 def training_loss(out: Any) -> torch.Tensor:
     """The scalar loss a measured step backpropagates from (see module docstring)."""
-    losses = [t.float().square().mean() for t in _tensors(out) if t.is_floating_point() and t.requires_grad]
+    losses = [t.float().square().mean() for t in flatten_tensors(out) if t.is_floating_point() and t.requires_grad]
     if not losses:
         raise InputError("the model returns no floating-point tensor that requires grad: nothing to train")
     return torch.stack(losses).sum()
@@ -77,7 +67,7 @@ class StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        for t in _tensors(out):
+        for t in flatten_tensors(out):
             self._add(t)
         return out
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from graphpass.errors import GraphpassError, InputError
+from graphpass.ir import flatten_tensors
 from graphpass.meta import META_MODULE, META_SAVED, set_meta
 from graphpass.save_recorder import recording
-from graphpass.tracing import fake_inputs
+from graphpass.tracing import check_input_count, fake_inputs
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["SavedTensor", "StorageInfo", "NodeRecord", "SavedTensors", "discover_saved_tensors", "meta_copy"]
@@ -127,7 +128,7 @@ class _Discovery(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         self.current = n
-        versions = {id(t): t._version for a in n.all_input_nodes for t in _tensors(self.values.get(a.name))}
+        versions = {id(t): t._version for a in n.all_input_nodes for t in flatten_tensors(self.values.get(a.name))}
         try:
             out = super().run_node(n)
         except GraphpassError:
@@ -146,7 +147,7 @@ class _Discovery(torch.fx.Interpreter):
         self.values[n.name] = out
         # Returning an input unchanged (same tensor, same version: a tuple item, a compression
         # point) passes its gradient through; an in-place op returns it with a new version.
-        outs = list(_tensors(out))
+        outs = list(flatten_tensors(out))
         self.passthrough[n.name] = bool(outs) and all(versions.get(id(t)) == t._version for t in outs)
         return out
 
@@ -166,7 +167,7 @@ class _Discovery(torch.fx.Interpreter):
             if n.name not in self.values:
                 continue
             kind = "input" if n.op == "placeholder" else "activation"
-            for t in _tensors(self.values[n.name]):
+            for t in flatten_tensors(self.values[n.name]):
                 self.storage_id(t, kind, n.name)
                 self.tensor_owner.setdefault(id(t), n.name)
         for node, t, fmt, stored_nbytes in self.packed:
@@ -228,18 +229,6 @@ class _Discovery(torch.fx.Interpreter):
         return None
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    """Tensors in a node's value (tuples, lists and dicts flattened), in order."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-
-
 def _node_parameters(gm: torch.fx.GraphModule, param_names: dict[int, str]) -> dict[str, tuple[str, ...]]:
     """For each node, the trainable parameters it consumes directly (submodule or get_attr input)."""
     used: dict[str, tuple[str, ...]] = {}
@@ -271,13 +260,7 @@ def discover_saved_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[An
     Writes ``node.meta["graphpass.saved"]`` (a tuple of :class:`SavedTensor`) on every node and
     returns the full record. The GraphModule's parameters, buffers and mode are left as they were.
     """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    required = [n for n in placeholders if not n.args]  # placeholders with a default are optional
-    if not len(required) <= len(example_inputs) <= len(placeholders):
-        raise InputError(
-            f"{type(gm).__name__} takes {len(required)} to {len(placeholders)} input(s) "
-            f"({', '.join(n.name for n in placeholders)}) but {len(example_inputs)} example input(s) were given"
-        )
+    check_input_count(gm, example_inputs)
     interp: _Discovery
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -321,15 +304,15 @@ def discover_saved_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[An
         for m, training in modes.items():
             m.training = training
     interp.classify()
-    graph_outputs = tuple(dict.fromkeys(interp.storage_id(t, "activation", "output") for t in _tensors(out)))
+    graph_outputs = tuple(dict.fromkeys(interp.storage_id(t, "activation", "output") for t in flatten_tensors(out)))
 
     node_params = _node_parameters(gm, {id(p): name for name, p in gm.named_parameters()})
     nodes: dict[str, NodeRecord] = {}
     for n in gm.graph.nodes:
         if n.op == "output":
             continue
-        outs = list(_tensors(interp.values[n.name]))
-        ins = [t for a in n.all_input_nodes for t in _tensors(interp.values.get(a.name))]
+        outs = list(flatten_tensors(interp.values[n.name]))
+        ins = [t for a in n.all_input_nodes for t in flatten_tensors(interp.values.get(a.name))]
         in_storages = {t.untyped_storage()._cdata for t in ins}
         in_ids = {id(t) for t in ins}
         # A view's gradient is a view of the upstream gradient; an input returned unchanged passes

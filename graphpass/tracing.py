@@ -25,7 +25,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from graphpass.errors import InputError, ModelSpecError, TraceError
 from graphpass.meta import META_MODULE, META_TENSOR, TensorInfo, set_meta
 
-__all__ = ["load_model", "example_inputs", "trace", "propagate_shapes", "fake_inputs"]
+__all__ = ["load_model", "example_inputs", "trace", "propagate_shapes", "fake_inputs", "check_input_count"]
 
 
 def load_model(spec: str) -> nn.Module:
@@ -247,8 +247,8 @@ def _parameter_device(gm: torch.fx.GraphModule) -> torch.device | None:
     return None
 
 
-def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Run the graph on fake tensors and record a TensorInfo for every node."""
+def check_input_count(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """InputError unless ``example_inputs`` fill the graph's required inputs and no more."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     required = [n for n in placeholders if not n.args]  # placeholders with args carry a default
     if not len(required) <= len(example_inputs) <= len(placeholders):
@@ -256,6 +256,11 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
             f"{type(gm).__name__} takes {len(required)} to {len(placeholders)} input(s) "
             f"({', '.join(n.name for n in placeholders)}) but {len(example_inputs)} example input(s) were given"
         )
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Run the graph on fake tensors and record a TensorInfo for every node."""
+    check_input_count(gm, example_inputs)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     prop = _NamedFakeTensorProp(gm, mode)
     prop.propagate_dont_convert_inputs(*fake_inputs(mode, example_inputs, _parameter_device(gm)))

@@ -41,7 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from graphpass import runtime
 from graphpass.errors import InputError
-from graphpass.ir import copy_meta, module_of
+from graphpass.ir import FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, MODULE_ACTIVATIONS, call_arg, copy_meta, module_of
 from graphpass.meta import META_FROM_PASS, META_QUANT, META_SAVED, set_meta
 from graphpass.pass_base import PassKind, PassResult, graph_pass
 from graphpass import proxy_norm
@@ -55,33 +55,8 @@ log = logging.getLogger(__name__)
 PASS_NAME = "insert_quantize_on_save"
 ROUNDINGS = ("nearest", "stochastic")
 
-_MODULE_ACTIVATIONS: dict[type, str] = {
-    nn.ReLU: "relu",
-    nn.ReLU6: "relu6",
-    nn.LeakyReLU: "leaky_relu",
-    nn.SiLU: "silu",
-    nn.GELU: "gelu",
-    nn.Hardswish: "hardswish",
-}
-_FUNCTION_ACTIVATIONS = {
-    torch.relu: "relu",
-    torch.relu_: "relu",
-    F.relu: "relu",
-    F.relu_: "relu",
-    F.relu6: "relu6",
-    F.leaky_relu: "leaky_relu",
-    F.leaky_relu_: "leaky_relu",
-    F.silu: "silu",
-    F.gelu: "gelu",
-    F.hardswish: "hardswish",
-}
-_METHOD_ACTIVATIONS = {"relu": "relu", "relu_": "relu"}
-
-
-def _arg(node: torch.fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
+# Mish is folded into ProxyNormAct by replace_batchnorm but not compressed as a standalone activation.
+_UNSUPPORTED_ACTIVATIONS = frozenset({"mish"})
 
 
 def _norm_of(gm: torch.fx.GraphModule, node: torch.fx.Node):
@@ -96,13 +71,13 @@ def _norm_of(gm: torch.fx.GraphModule, node: torch.fx.Node):
             kind = "proxy_norm"
         else:
             return None
-        return kind, _arg(node, 0, "input"), "module", "module"
+        return kind, call_arg(node, 0, "input"), "module", "module"
     if node.op == "call_function" and node.target is F.batch_norm:
-        return "batch_norm", _arg(node, 0, "input"), _arg(node, 3, "weight"), _arg(node, 4, "bias")
+        return "batch_norm", call_arg(node, 0, "input"), call_arg(node, 3, "weight"), call_arg(node, 4, "bias")
     if node.op == "call_function" and node.target is F.group_norm:
-        return "group_norm", _arg(node, 0, "input"), _arg(node, 2, "weight"), _arg(node, 3, "bias")
+        return "group_norm", call_arg(node, 0, "input"), call_arg(node, 2, "weight"), call_arg(node, 3, "bias")
     if node.op == "call_function" and node.target is proxy_norm.proxy_norm_act:
-        return "proxy_norm", _arg(node, 0, "x"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        return "proxy_norm", call_arg(node, 0, "x"), call_arg(node, 1, "weight"), call_arg(node, 2, "bias")
     return None
 
 
@@ -117,7 +92,7 @@ def _proxy_norm_activation(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dic
         slope = node.kwargs.get("negative_slope", 0.01)
         eps = node.kwargs.get("proxy_eps", proxy_norm.DEFAULT_PROXY_EPS)
         points = node.kwargs.get("num_points", proxy_norm.DEFAULT_NUM_POINTS)
-        proxy = (_arg(node, 3, "proxy_weight"), _arg(node, 4, "proxy_bias"))
+        proxy = (call_arg(node, 3, "proxy_weight"), call_arg(node, 4, "proxy_bias"))
     act = {"activation": "none" if name == "identity" else name}
     if name == "leaky_relu":
         act["negative_slope"] = float(slope)
@@ -131,22 +106,24 @@ def _activation_of(gm: torch.fx.GraphModule, norm: torch.fx.Node) -> dict:
     if len(norm.users) != 1:
         return none
     (user,) = norm.users
-    if _arg(user, 0, "input") is not norm:
+    if call_arg(user, 0, "input") is not norm:
         return none
     module = module_of(gm, user)
     if module is not None:
-        kind = _MODULE_ACTIVATIONS.get(type(module))
+        kind = MODULE_ACTIVATIONS.get(type(module))
         slope = getattr(module, "negative_slope", 0.01)
         approximate = getattr(module, "approximate", "none")
-    elif user.op == "call_function" and user.target in _FUNCTION_ACTIVATIONS:
-        kind = _FUNCTION_ACTIVATIONS[user.target]
-        slope = _arg(user, 1, "negative_slope", 0.01) if kind == "leaky_relu" else 0.01
+    elif user.op == "call_function" and user.target in FUNCTION_ACTIVATIONS:
+        kind = FUNCTION_ACTIVATIONS[user.target]
+        slope = call_arg(user, 1, "negative_slope", 0.01) if kind == "leaky_relu" else 0.01
         approximate = user.kwargs.get("approximate", "none") if kind == "gelu" else "none"
-    elif user.op == "call_method" and user.target in _METHOD_ACTIVATIONS:
-        kind, slope, approximate = _METHOD_ACTIVATIONS[str(user.target)], 0.01, "none"
+    elif user.op == "call_method" and user.target in METHOD_ACTIVATIONS:
+        kind, slope, approximate = METHOD_ACTIVATIONS[str(user.target)], 0.01, "none"
     else:
         return none
-    if kind is None or not isinstance(slope, (int, float)) or not isinstance(approximate, str):
+    if kind is None or kind in _UNSUPPORTED_ACTIVATIONS:
+        return none
+    if not isinstance(slope, (int, float)) or not isinstance(approximate, str):
         return none
     described = {"activation": kind}
     if kind == "leaky_relu":

@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from graphpass.errors import InputError
-from graphpass.ir import module_of, replace_submodule
+from graphpass.ir import FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, MODULE_ACTIVATIONS, call_arg, module_of, replace_submodule
 from graphpass.meta import META_FROM_PASS, META_MODULE, META_NORM, META_SAVED, set_meta
 from graphpass.pass_base import PassKind, PassResult, graph_pass
 from graphpass.proxy_norm import NormRecord, ProxyNormAct, ScaledGroupNorm
@@ -62,29 +62,6 @@ log = logging.getLogger(__name__)
 
 PASS_NAME = "replace_batchnorm"
 
-_MODULE_ACTIVATIONS: dict[type, str] = {
-    nn.ReLU: "relu",
-    nn.ReLU6: "relu6",
-    nn.LeakyReLU: "leaky_relu",
-    nn.SiLU: "silu",
-    nn.GELU: "gelu",
-    nn.Hardswish: "hardswish",
-    nn.Mish: "mish",
-}
-_FUNCTION_ACTIVATIONS = {
-    torch.relu: "relu",
-    torch.relu_: "relu",
-    F.relu: "relu",
-    F.relu_: "relu",
-    F.relu6: "relu6",
-    F.leaky_relu: "leaky_relu",
-    F.leaky_relu_: "leaky_relu",
-    F.silu: "silu",
-    F.gelu: "gelu",
-    F.hardswish: "hardswish",
-    F.mish: "mish",
-}
-_METHOD_ACTIVATIONS = {"relu": "relu", "relu_": "relu"}
 
 
 def _timm_activations() -> dict[type, str]:
@@ -105,7 +82,7 @@ class _Activation:
 
 def _module_activation(m: nn.Module) -> _Activation | str:
     """The activation a module computes, or a reason string why it cannot be folded."""
-    kinds = {**_MODULE_ACTIVATIONS, **_timm_activations()}
+    kinds = {**MODULE_ACTIVATIONS, **_timm_activations()}
     kind = kinds.get(type(m))
     if kind is None:
         return f"{type(m).__name__} is not a supported activation"
@@ -114,28 +91,22 @@ def _module_activation(m: nn.Module) -> _Activation | str:
     return _Activation(kind, float(getattr(m, "negative_slope", 0.01)))
 
 
-def _call_arg(node: torch.fx.Node, index: int, name: str, default):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
 def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Node) -> _Activation | str:
     """The activation ``node`` applies to ``source``, or a reason string."""
-    if _call_arg(node, 0, "input", None) is not source:
+    if call_arg(node, 0, "input", None) is not source:
         return f"{node.name} does not take the norm output as its input"
     if node.op == "call_module":
         return _module_activation(module_of(gm, node))
-    if node.op == "call_function" and node.target in _FUNCTION_ACTIVATIONS:
-        kind = _FUNCTION_ACTIVATIONS[node.target]
-        if kind == "gelu" and _call_arg(node, 1, "approximate", "none") != "none":
+    if node.op == "call_function" and node.target in FUNCTION_ACTIVATIONS:
+        kind = FUNCTION_ACTIVATIONS[node.target]
+        if kind == "gelu" and call_arg(node, 1, "approximate", "none") != "none":
             return "gelu with approximate='tanh' is not supported (only the exact GELU)"
-        slope = _call_arg(node, 1, "negative_slope", 0.01) if kind == "leaky_relu" else 0.01
+        slope = call_arg(node, 1, "negative_slope", 0.01) if kind == "leaky_relu" else 0.01
         if not isinstance(slope, (int, float)):
             return f"{node.name}: negative_slope is not a constant"
         return _Activation(kind, float(slope))
-    if node.op == "call_method" and node.target in _METHOD_ACTIVATIONS:
-        return _Activation(_METHOD_ACTIVATIONS[str(node.target)])
+    if node.op == "call_method" and node.target in METHOD_ACTIVATIONS:
+        return _Activation(METHOD_ACTIVATIONS[str(node.target)])
     return f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)}) is not a supported activation"
 
 
