@@ -551,6 +551,19 @@ def _wants_no_batchnorm(model: nn.Module, stats: LoweringStats) -> bool:
     return getattr(config, "norm", None) == "gn+pn" or stats.proxy_norms_folded > 0
 
 
+def _checked_session(proto: Any, metadata: dict[str, str], what: str, opset: int) -> Any:
+    """Attach the metadata, run onnx.checker (full check) and open an onnxruntime session."""
+    import onnx
+    import onnxruntime
+
+    onnx.helper.set_model_props(proto, metadata)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise ExportError(f"onnx.checker rejects {what} (opset {opset}): {e}") from e
+    return onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
 def export_onnx(
     gm_or_model: nn.Module,
     example_inputs: Sequence[Any] | torch.Tensor,
@@ -602,12 +615,7 @@ def export_onnx(
         if problems:
             raise ExportError(f"exported model of {type(gm_or_model).__name__} is not clean: " + "; ".join(problems))
         metadata = _metadata(model, stats, plan)
-        onnx.helper.set_model_props(proto, metadata)
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except Exception as e:
-            raise ExportError(f"onnx.checker rejects the exported model (opset {opset}): {e}") from e
-        session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = _checked_session(proto, metadata, "the exported model", opset)
         max_abs = max_rel = largest = 0.0
         checked = (batch, batch + 1)
         for b in checked:
@@ -757,7 +765,6 @@ def export_training_graph(
     inference model's and is checked against PyTorch like :func:`export_onnx`.
     """
     import onnx
-    import onnxruntime
 
     if not isinstance(gm, torch.fx.GraphModule):
         raise InputError(f"export_training_graph takes the GraphModule from gp.transform, got {type(gm).__name__}")
@@ -790,12 +797,7 @@ def export_training_graph(
             points.append(point)
         meta = _metadata(gm, stats, None)
         meta["graphpass.save_points"] = json.dumps([dataclasses.asdict(p) for p in points])
-        onnx.helper.set_model_props(proto, meta)
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except Exception as e:
-            raise ExportError(f"onnx.checker rejects the annotated training graph (opset {opset}): {e}") from e
-        session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = _checked_session(proto, meta, "the annotated training graph", opset)
         feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), [x for x in export_inputs if isinstance(x, torch.Tensor)])}
         got = torch.from_numpy(session.run([proto.graph.output[0].name], feed)[0])
         err = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
