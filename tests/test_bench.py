@@ -82,7 +82,7 @@ def test_checkpointed_model_has_the_same_outputs_and_gradients():
 def test_bench_measures_every_cpu_method_and_reports_ratios(model_file):
     doc = run_bench(f"{model_file}:tiny", batch=4, image=8, device="cpu", bits=4, steps=2, max_batch_mib=64)
     runs = {r["method"]: r for r in doc["runs"]}
-    assert list(runs) == ["plain", "checkpoint", "graphpass-4bit", "graphpass-4bit+gn+pn"]
+    assert list(runs) == ["plain", "checkpoint", "graphpass", "graphpass+gn+pn"]
     assert doc["device"] == "cpu"
     plain = runs["plain"]
     assert plain["error"] is None and plain["peak_vs_plain"] == 1.0
@@ -102,7 +102,7 @@ def test_a_failing_method_is_reported_and_the_others_still_run(model_file, capsy
     assert "no blocks to checkpoint" in runs["checkpoint"]["error"]
     assert runs["checkpoint"]["peak_bytes"] is None
     assert runs["plain"]["error"] is None
-    assert runs["graphpass-8bit"]["error"] is None
+    assert runs["graphpass"]["error"] is None
     assert "failed: InputError" in format_table(doc)
     assert "checkpoint: failed" in capsys.readouterr().err
 
@@ -115,7 +115,7 @@ def test_bench_command_writes_json_and_table(model_file, tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert {"device", "runs"} <= set(doc)
     assert all({"method", "peak_bytes", "step_ms"} <= set(r) for r in doc["runs"])
-    assert "graphpass-4bit+gn+pn" in capsys.readouterr().out
+    assert "graphpass+gn+pn" in capsys.readouterr().out
 
 
 def test_bench_command_bad_input_fails_before_measuring(model_file, tmp_path, capsys):

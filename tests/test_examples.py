@@ -74,6 +74,6 @@ def test_graphpass_bench_on_resnet18_cpu(tmp_path, capsys):
     assert code == 0
     doc = json.loads(out.read_text())
     methods = [r["method"] for r in doc["runs"]]
-    assert methods == ["plain", "checkpoint", "graphpass-4bit", "graphpass-4bit+gn+pn"]
+    assert methods == ["plain", "checkpoint", "graphpass", "graphpass+gn+pn"]
     assert all(r["error"] is None and r["peak_bytes"] > 0 and r["step_ms"] > 0 for r in doc["runs"])
-    assert "graphpass-4bit+gn+pn" in capsys.readouterr().out
+    assert "graphpass+gn+pn" in capsys.readouterr().out
