@@ -44,7 +44,7 @@ from torch import nn
 
 from graphpass.errors import ExportError, GraphpassError, InputError
 from graphpass.files import atomic_output
-from graphpass.ir import replace_submodule
+from graphpass.ir import flatten_tensors, replace_submodule
 
 __all__ = [
     "MIN_OPSET",
@@ -439,13 +439,10 @@ def _structure_problems(model: Any, opset: int, stats: LoweringStats, *, no_batc
 
 
 def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flatten(v)]
-    raise ExportError(f"model output of type {type(out).__name__} cannot be compared with onnxruntime")
+    tensors = list(flatten_tensors(out))
+    if not tensors:
+        raise ExportError(f"model output of type {type(out).__name__} holds no tensor to compare with onnxruntime")
+    return tensors
 
 
 def _real_inputs(inputs: Sequence[Any], batch: int) -> tuple:

@@ -9,6 +9,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from graphpass.ir import flatten_tensors
+
 __all__ = ["assert_equivalent", "count_modules", "run_step"]
 
 
@@ -38,18 +40,6 @@ def run_step(
     return out, [x.grad for x in xs], grads
 
 
-def _flat(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _flat(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flat(v)]
-    if hasattr(out, "_asdict"):
-        return _flat(tuple(out))
-    return []
-
-
 def assert_equivalent(
     reference: nn.Module,
     candidate: nn.Module,
@@ -67,7 +57,7 @@ def assert_equivalent(
     """
     out_r, gin_r, g_r = run_step(reference, inputs)
     out_c, gin_c, g_c = run_step(candidate, inputs)
-    flat_r, flat_c = _flat(out_r), _flat(out_c)
+    flat_r, flat_c = list(flatten_tensors(out_r)), list(flatten_tensors(out_c))
     assert len(flat_r) == len(flat_c), f"{len(flat_c)} outputs, expected {len(flat_r)}"
     for i, (a, b) in enumerate(zip(flat_r, flat_c)):
         if exact_forward:
