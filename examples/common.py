@@ -74,6 +74,59 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
 
 
+class PreActBlock(nn.Module):
+    """A pre-activation block (ResNet v2): every norm is followed by its activation."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.relu(self.bn1(x))
+        y = self.conv2(self.relu(self.bn2(self.conv1(a))))
+        return y + (x if self.shortcut is None else self.shortcut(a))
+
+
+class PreActResNet(nn.Module):
+    """SmallResNet's pre-activation twin (ResNet v2), the design Proxy Norm was published on.
+
+    In a post-activation ResNet (v1) the ReLU after each residual add has no norm in front of it,
+    so ``norm="gn+pn"`` cannot centre it: those uncentred outputs feed every next block, and with
+    GroupNorm, which unlike BatchNorm does not remove each channel's mean, training is slow. Here
+    every BatchNorm is followed by its ReLU and becomes GroupNorm + PN-Act.
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, widths: Sequence[int] = (16, 32, 64), blocks: int = 1
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        layers: list[nn.Module] = []
+        cin = widths[0]
+        for i, w in enumerate(widths):
+            for j in range(blocks):
+                layers.append(PreActBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(cin)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.relu(self.bn(self.layers(self.stem(x))))), 1))
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"preact": PreActResNet, "v1": SmallResNet}
+
+
 class Data:
     """A data set as the training loop sees it: seeded training batches and test batches."""
 
@@ -150,6 +203,18 @@ def make_optimizer(model: nn.Module, norm: str, lr: float, weight_decay: float) 
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
 
 
+def lr_schedule(opt: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up from lr/warmup_steps to lr, then cosine decay to 0 at ``total_steps``."""
+    warmup_steps = min(warmup_steps, total_steps - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def _shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Random translation by up to ``max_shift`` pixels (zero padding): cheap augmentation."""
     if max_shift == 0:
@@ -185,12 +250,13 @@ def train(
     groups: int,
     device: torch.device,
     log: Callable[[str], None],
+    warmup_epochs: int = 0,
 ) -> float:
     """Train one (method, seed) and return the final test accuracy in percent.
 
     The seed fixes the initial weights, the batch order and the augmentation, identically for
-    every method. The learning rate follows a cosine schedule; partial last batches are dropped
-    so BatchNorm never sees a batch of one.
+    every method. The learning rate rises linearly over ``warmup_epochs``, then follows a cosine
+    schedule; partial last batches are dropped so BatchNorm never sees a batch of one.
     """
     n_train, _ = data.sizes()
     steps_per_epoch = n_train // batch
@@ -199,7 +265,7 @@ def train(
     torch.manual_seed(seed)
     model = prepare(build().to(device), method, data.example(batch).to(device), groups).train()
     opt = make_optimizer(model, (METHODS[method] or {}).get("norm", "keep"), lr, weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
+    sched = lr_schedule(opt, steps_per_epoch * warmup_epochs, steps_per_epoch * epochs)
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         t0 = time.perf_counter()
@@ -222,13 +288,14 @@ def train(
     return accuracy(model, data.test_batches())
 
 
-def add_training_args(p: argparse.ArgumentParser, *, epochs: int, lr: float) -> None:
+def add_training_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, warmup: int = 0) -> None:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seeds", type=int, default=3, help="number of seeds averaged per method")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST_SEED, FIRST_SEED+1, ...")
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate (cosine schedule)")
+    p.add_argument("--warmup", type=int, default=warmup, help="epochs of linear learning-rate warm-up")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--groups", type=int, default=8, help="GroupNorm groups for gn+pn")
     p.add_argument("--limit", type=int, default=0, help="use only this many training and test samples (smoke tests)")
@@ -268,6 +335,7 @@ def run_all(args: argparse.Namespace, build: Callable[[], nn.Module], data: Data
                 groups=args.groups,
                 device=torch.device(args.device),
                 log=log,
+                warmup_epochs=args.warmup,
             )
             results[method].append(acc)
             log(f"{method} seed {seed}: test accuracy {acc:.2f}%")
@@ -277,6 +345,7 @@ def run_all(args: argparse.Namespace, build: Callable[[], nn.Module], data: Data
         "epochs": args.epochs,
         "seeds": args.seeds,
         "lr": args.lr,
+        "warmup_epochs": args.warmup,
         "weight_decay": args.weight_decay,
         "train_samples": data.sizes()[0],
         "test_samples": data.sizes()[1],

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 import graphpass as gp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SmallResNet, accuracy, make_optimizer  # noqa: E402
+from common import PreActResNet, accuracy, make_optimizer  # noqa: E402
 from train_digits import load_digits_split  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--norm", choices=("keep", "gn+pn"), default="gn+pn")
     p.add_argument("--batch", type=int, default=32, help="batch per rank")
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--limit", type=int, default=0, help="use only this many samples (smoke tests)")
     args = p.parse_args(argv)
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
 
     data = load_digits_split(limit=args.limit)
     torch.manual_seed(0)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = SmallResNet(1, data.num_classes).to(device)
+    model = PreActResNet(1, data.num_classes).to(device)
     gm = gp.transform(model, (data.example(args.batch).to(device),), bits=args.bits, norm=args.norm)
     ddp = DistributedDataParallel(gm, device_ids=[local_rank] if cuda else None)
     opt = make_optimizer(gm, args.norm, args.lr, 5e-4)

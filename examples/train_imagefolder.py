@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Data, SmallResNet, add_training_args, run_all  # noqa: E402
+from common import Data, PreActResNet, add_training_args, run_all  # noqa: E402
 
 
 class FolderData(Data):
@@ -80,7 +80,7 @@ class FolderData(Data):
 
 def build_model(spec: str, num_classes: int):  # noqa: ANN201
     if spec == "small":
-        return SmallResNet(3, num_classes)
+        return PreActResNet(3, num_classes)
     source, _, name = spec.partition(":")
     if source == "torchvision":
         import torchvision
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("root", type=Path, help="ImageFolder root: one folder per class, or train/ and val/")
     add_training_args(p, epochs=10, lr=0.05)
-    p.add_argument("--model", default="small", help="small (a CIFAR-style ResNet), torchvision:NAME or timm:NAME")
+    p.add_argument("--model", default="small", help="small (a CIFAR-style pre-activation ResNet), torchvision:NAME or timm:NAME")
     p.add_argument("--image", type=int, default=32, help="images are resized to IMAGE x IMAGE")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
