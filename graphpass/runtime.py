@@ -17,11 +17,14 @@ are ``call_function`` nodes that return their first argument unchanged (see :dat
   the layer that autograd saves (norm input, pre-activation, activation output, the next op's
   input) is handed a reference to that copy and rebuilt from it in backward with exact per-channel
   floats, so PyTorch's own backward formulas run unchanged. The ReLU sign is exact because 0 is a bin boundary.
+- :func:`pool_input` (before a max-pool) and :func:`pool_output` (after it) bracket the op that
+  saves int64 indices into one input plane: they are kept, exactly, in the narrowest integer type
+  that holds the plane's element count (uint8, int16 or int32), a quarter or less of their bytes.
 - :func:`compress_saved_end` (on the output) closes the session.
 
 Everything else autograd saves (generic mode) is packed per tensor: floats in groups with their
 own scales (:func:`graphpass.quantize.pack_groups`), the result a ReLU saves for itself and bool
-tensors in one bit per element, integer tensors, parameters (and their autocast copies),
+tensors in one bit per element, other integer tensors, parameters (and their autocast copies),
 statistics and tiny tensors as they are. A tensor saved by several ops is stored once.
 
 Tensor identity: a bare ``data_ptr`` is reused by the caching allocator, so saved tensors are
@@ -38,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import math
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -69,6 +73,8 @@ __all__ = [
     "compress_saved",
     "compress_saved_end",
     "layer_input",
+    "pool_input",
+    "pool_output",
     "quantize_layer",
     "is_compression_node",
     "quantization_disabled",
@@ -119,7 +125,7 @@ def quantization_disabled() -> Iterator[None]:
 class QuantFormat:
     """``node.meta["graphpass.quant"]`` of a compression point."""
 
-    point: str  # "begin" | "layer_input" | "layer" | "end"
+    point: str  # "begin" | "layer_input" | "layer" | "pool_input" | "pool_output" | "end"
     bits: int
     layout: str  # what is stored: "group" (generic, begin), "anchored" (layer); "" for markers
     rounding: str = "nearest"
@@ -197,7 +203,26 @@ def quantize_layer(
     return y
 
 
-COMPRESSION_OPS: frozenset[Callable[..., Any]] = frozenset({compress_saved, compress_saved_end, layer_input, quantize_layer})
+def pool_input(x: torch.Tensor, state: CompressionState, *, dims: int) -> torch.Tensor:
+    """Mark ``x`` as a max-pool's input: the indices the pool saves address one of its planes (the
+    last ``dims`` dimensions), so they fit an integer type sized by the plane's element count."""
+    session = state.session
+    if session is not None and isinstance(x, torch.Tensor):
+        session.index_bound = math.prod(x.shape[-dims:])
+    return x
+
+
+def pool_output(y: torch.Tensor, state: CompressionState) -> torch.Tensor:
+    """The max-pool before has run: integer tensors saved from here on are not its indices."""
+    session = state.session
+    if session is not None:
+        session.index_bound = None
+    return y
+
+
+COMPRESSION_OPS: frozenset[Callable[..., Any]] = frozenset(
+    {compress_saved, compress_saved_end, layer_input, quantize_layer, pool_input, pool_output}
+)
 
 
 def is_compression_node(node: torch.fx.Node) -> bool:
@@ -235,6 +260,30 @@ class _Mask:
 
     def unpack(self) -> torch.Tensor:
         return unpack(self.packed).to(self.dtype)
+
+
+class _Narrowed:
+    """Indices known to lie in [0, bound), in the narrowest integer type that holds them: exact."""
+
+    __slots__ = ("values", "dtype")
+
+    def __init__(self, values: torch.Tensor, dtype: torch.dtype) -> None:
+        self.values, self.dtype = values, dtype
+
+    @property
+    def format(self) -> str:
+        return f"index-{str(self.values.dtype).removeprefix('torch.')}"
+
+    def unpack(self) -> torch.Tensor:
+        return self.values.to(self.dtype)
+
+
+def _index_dtype(bound: int) -> torch.dtype:
+    """The narrowest integer type holding 0 .. bound - 1."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if bound - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
 
 
 class _LayerRef:
@@ -372,6 +421,7 @@ class _Session:
         self.entries: dict[int, _Entry] = {}
         self.layers: dict[int, _Layer] = {}
         self.awaiting: dict[Any, _Layer] = {}  # norm's autograd node -> layer whose activation follows
+        self.index_bound: int | None = None  # set between pool_input and pool_output
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
         self.hooks.__enter__()
 
@@ -493,6 +543,8 @@ class _Session:
             values = entry.values
             record_pack(t, _nbytes(t), "full") if isinstance(values, torch.Tensor) else record_pack(t, 0, values.format)
             return values
+        if self.index_bound is not None and t.dtype == torch.int64:
+            return self._indices(t, self.index_bound)
         if _keep_as_is(t):
             record_pack(t, _nbytes(t), "full")
             return t
@@ -519,6 +571,12 @@ class _Session:
         handle = _Mask(pack_mask(mask), t.dtype)
         self.entries[id(t)] = _Entry(t, mask=handle)
         record_pack(t, handle.packed.nbytes, handle.format)
+        return handle
+
+    def _indices(self, t: torch.Tensor, bound: int) -> _Narrowed:
+        handle = _Narrowed(t.to(_index_dtype(bound)), t.dtype)
+        self.entries[id(t)] = _Entry(t, values=handle)
+        record_pack(t, _nbytes(handle.values), handle.format)
         return handle
 
     def _layer_role(self, t: torch.Tensor, node: Any) -> _LayerRef | None:

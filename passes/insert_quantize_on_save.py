@@ -24,6 +24,10 @@ ReLU, ReLU6, LeakyReLU, SiLU, GELU or Hardswish as a module, a functional, a Ten
 in-place form. Any other user means activation "none". A norm that turns out not to be in
 training mode at run time (a frozen BatchNorm) is compressed per tensor instead.
 
+Max-pools (MaxPool1d/2d/3d and AdaptiveMaxPool1d/2d/3d modules of exactly those types, their
+functionals; not with ``return_indices``) get ``pool_input``/``pool_output`` around them: the int64
+indices they save for backward are kept in the narrowest integer type that holds one input plane.
+
 Requires: nothing. Writes: ``graphpass.quant`` (a :class:`graphpass.runtime.QuantFormat`) on
 every new node. Invalidates: ``graphpass.saved``. A graph that already has compression points is
 left alone (``modified=False``).
@@ -54,6 +58,19 @@ log = logging.getLogger(__name__)
 
 PASS_NAME = "insert_quantize_on_save"
 ROUNDINGS = ("nearest", "stochastic")
+
+# Max-pools whose saved indices address one plane of their input: target -> (pooled dimensions,
+# position of ``return_indices``). Exact module types: a subclass may pad its input first (timm's
+# MaxPool2dSame), and its indices would then address a larger plane.
+_MAX_POOL_MODULES = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
+}  # fmt: skip
+_MAX_POOL_FUNCTIONS = {
+    F.max_pool1d: (1, 6), F.max_pool2d: (2, 6), F.max_pool3d: (3, 6),
+    torch.max_pool1d: (1, None), torch.max_pool2d: (2, None), torch.max_pool3d: (3, None),
+    F.adaptive_max_pool1d: (1, 2), F.adaptive_max_pool2d: (2, 2), F.adaptive_max_pool3d: (3, 2),
+}  # fmt: skip
 
 # Mish is folded into ProxyNormAct by replace_batchnorm but not compressed as a standalone activation.
 _UNSUPPORTED_ACTIVATIONS = frozenset({"mish"})
@@ -133,6 +150,18 @@ def _activation_of(gm: torch.fx.GraphModule, norm: torch.fx.Node) -> dict:
     return described
 
 
+def _max_pool_dims(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
+    """Pooled dimensions of a max-pool that returns only its values; 0 for any other node."""
+    module = module_of(gm, node)
+    if module is not None:
+        return 0 if getattr(module, "return_indices", True) else _MAX_POOL_MODULES.get(type(module), 0)
+    if node.op != "call_function" or node.target not in _MAX_POOL_FUNCTIONS:
+        return 0
+    dims, position = _MAX_POOL_FUNCTIONS[node.target]
+    returns_indices = position is not None and call_arg(node, position, "return_indices", False)
+    return 0 if returns_indices is not False else dims
+
+
 def _param_node(gm: torch.fx.GraphModule, norm: torch.fx.Node, value, name: str) -> torch.fx.Node | None:
     """A get_attr node for the norm module's ``name`` parameter (None if it has none)."""
     if value != "module":
@@ -207,6 +236,20 @@ def insert_quantize_on_save(gm: torch.fx.GraphModule, *, bits: int, rounding: st
         norm.replace_all_uses_with(point, delete_user_cb=lambda user: user is not point)
         activations[act["activation"]] = activations.get(act["activation"], 0) + 1
 
+    pools = [(n, dims) for n in graph.nodes if (dims := _max_pool_dims(gm, n))]
+    for pool, dims in pools:
+        source = call_arg(pool, 0, "input")
+        if not isinstance(source, torch.fx.Node):
+            continue
+        with graph.inserting_before(pool):
+            fmt = runtime.QuantFormat("pool_input", bits, "", rounding)
+            mark = _add_point(graph, source, runtime.pool_input, (source, state), {"dims": dims}, fmt, "pool_input")
+        pool.replace_input_with(source, mark)
+        with graph.inserting_after(pool):
+            fmt = runtime.QuantFormat("pool_output", bits, "", rounding)
+            after = _add_point(graph, pool, runtime.pool_output, (pool, state), {}, fmt, "pool_output")
+        pool.replace_all_uses_with(after, delete_user_cb=lambda user: user is not after)
+
     (result,) = output.args
     with graph.inserting_before(output):
         fmt = runtime.QuantFormat("end", bits, "", rounding)
@@ -215,5 +258,10 @@ def insert_quantize_on_save(gm: torch.fx.GraphModule, *, bits: int, rounding: st
         set_meta(end, META_QUANT, fmt)
     output.args = (end,)
     stats = {"layers": len(norms), **{f"layers_{k}": v for k, v in sorted(activations.items())}}
-    log.info("insert_quantize_on_save: %d layers (%s), %d-bit, %s rounding", len(norms), activations, bits, rounding)
+    if pools:
+        stats["max_pools"] = len(pools)
+    log.info(
+        "insert_quantize_on_save: %d layers (%s), %d max-pools, %d-bit, %s rounding",
+        len(norms), activations, len(pools), bits, rounding,
+    )  # fmt: skip
     return PassResult(gm, True, stats)

@@ -297,6 +297,66 @@ def test_layer_roles_are_rebuilt_in_one_unpack(norm, act, monkeypatch):
     assert checked >= ({"input", "output"} if act == "none" else {"input", "activation"}), checked
 
 
+class PoolNet(nn.Module):
+    """A max-pool after a layer, an adaptive max-pool later, and an average pool that is no max-pool."""
+
+    def __init__(self, pool: nn.Module | None = None) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = pool if pool is not None else nn.MaxPool2d(3, 2, padding=1)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.avg = nn.AvgPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(self.pool(self.stem(x)))
+        return F.adaptive_max_pool2d(torch.tanh(y), 2).mean((2, 3)) + self.avg(y).mean((2, 3))
+
+
+@pytest.mark.parametrize("image,index_format", [(32, "index-int16"), (16, "index-uint8")])
+def test_max_pool_indices_are_stored_exactly_in_a_narrow_integer_type(image, index_format):
+    # Indices address one input plane: 32x32 = 1024 positions need int16, 16x16 = 256 fit uint8.
+    model = PoolNet().train()
+    x = torch.randn(16, 3, image, image)  # pooled: at least MIN_PACKED_NUMEL elements
+    gm = transformed(model, x, bits=8)
+    assert gm.code.count("pool_input(") == 2 and gm.code.count("pool_output(") == 2
+    assert "dims = 2" in gm.code
+    assert insert_quantize_on_save(gm, bits=8).modified is False  # idempotent
+    _, gin_r, g_r = step(model, x)
+    recorded = Recorded()
+    with runtime.quantization_disabled(), recording(recorded):
+        _, gin_c, g_c = step(gm, x)
+    assert_same_gradients({"input": gin_c, **g_c}, {"input": gin_r, **g_r})
+    indices = [(fmt, shape, n) for fmt, shape, n in recorded.calls if fmt.startswith("index-")]
+    pooled = (16, 8, image // 2, image // 2)
+    assert (index_format, pooled, math.prod(pooled) * (2 if index_format == "index-int16" else 1)) in indices
+    assert all(fmt == index_format or shape == (16, 16, 2, 2) for fmt, shape, _ in indices)
+
+
+class SamePaddedMaxPool2d(nn.MaxPool2d):
+    """Pads, then pools (like timm's MaxPool2dSame): as a leaf, its indices address the padded plane."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=-math.inf), self.kernel_size, self.stride)
+
+
+class ReturnsIndices(PoolNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.pool(self.stem(x))
+        return y.sum((2, 3))
+
+
+def test_max_pools_whose_indices_may_address_another_plane_are_left_alone():
+    x = torch.randn(2, 3, 16, 16)
+    returns_indices = transformed(ReturnsIndices(nn.MaxPool2d(2, return_indices=True)).train(), x, bits=4)
+    assert "pool_input(" not in returns_indices.code
+    gm = trace(PoolNet(SamePaddedMaxPool2d(2)).train(), (x,), leaf_modules=(SamePaddedMaxPool2d,))
+    insert_quantize_on_save(gm, bits=4)
+    gm.recompile()
+    assert gm.code.count("pool_input(") == 1  # the functional adaptive pool only
+    traced_through = transformed(PoolNet(SamePaddedMaxPool2d(2)).train(), x, bits=4)
+    assert "pool_input(pad" in traced_through.code  # the pool's own input: the padded tensor
+
+
 def test_shared_tensor_is_stored_once_and_masks_take_one_bit():
     lin1, lin2, lin3 = nn.Linear(64, 128), nn.Linear(128, 32), nn.Linear(128, 32)
 
