@@ -50,6 +50,17 @@ class BasicBlock(nn.Module):
         return self.relu(y + self.shortcut(x))
 
 
+def stages(block: Callable[[int, int, int], nn.Module], widths: Sequence[int], blocks: int) -> nn.Sequential:
+    """``blocks`` blocks per width; the first block of every stage after the first halves the size."""
+    layers: list[nn.Module] = []
+    cin = widths[0]
+    for i, width in enumerate(widths):
+        for j in range(blocks):
+            layers.append(block(cin, width, 2 if (i > 0 and j == 0) else 1))
+            cin = width
+    return nn.Sequential(*layers)
+
+
 class SmallResNet(nn.Module):
     """A CIFAR-style ResNet with BatchNorm: a stem and one or more BasicBlocks per stage."""
 
@@ -60,15 +71,9 @@ class SmallResNet(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
         )
-        layers: list[nn.Module] = []
-        cin = widths[0]
-        for i, w in enumerate(widths):
-            for j in range(blocks):
-                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
-                cin = w
-        self.layers = nn.Sequential(*layers)
+        self.layers = stages(BasicBlock, widths, blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
+        self.fc = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
@@ -108,13 +113,8 @@ class PreActResNet(nn.Module):
     ) -> None:
         super().__init__()
         self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        layers: list[nn.Module] = []
-        cin = widths[0]
-        for i, w in enumerate(widths):
-            for j in range(blocks):
-                layers.append(PreActBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
-                cin = w
-        self.layers = nn.Sequential(*layers)
+        self.layers = stages(PreActBlock, widths, blocks)
+        cin = widths[-1]
         self.bn = nn.BatchNorm2d(cin)
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
