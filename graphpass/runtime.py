@@ -1,6 +1,6 @@
 """Runtime of compressed saved activations: autograd keeps K-bit copies, the forward stays exact.
 
-``passes.insert_quantize_on_save`` puts four kinds of compression point into a forward graph. All
+``passes.insert_quantize_on_save`` puts six kinds of compression point into a forward graph. All
 are ``call_function`` nodes that return their first argument unchanged (see :data:`COMPRESSION_OPS`):
 
 - :func:`compress_saved` (after the first input) opens a *session* for one forward pass: it pushes
