@@ -236,11 +236,12 @@ def insert_quantize_on_save(gm: torch.fx.GraphModule, *, bits: int, rounding: st
         norm.replace_all_uses_with(point, delete_user_cb=lambda user: user is not point)
         activations[act["activation"]] = activations.get(act["activation"], 0) + 1
 
-    pools = [(n, dims) for n in graph.nodes if (dims := _max_pool_dims(gm, n))]
-    for pool, dims in pools:
-        source = call_arg(pool, 0, "input")
-        if not isinstance(source, torch.fx.Node):
-            continue
+    pools = [
+        (n, dims, source)
+        for n in graph.nodes
+        if (dims := _max_pool_dims(gm, n)) and isinstance(source := call_arg(n, 0, "input"), torch.fx.Node)
+    ]
+    for pool, dims, source in pools:
         with graph.inserting_before(pool):
             fmt = runtime.QuantFormat("pool_input", bits, "", rounding)
             mark = _add_point(graph, source, runtime.pool_input, (source, state), {"dims": dims}, fmt, "pool_input")
