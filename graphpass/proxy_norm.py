@@ -34,6 +34,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from graphpass.errors import InputError
+from graphpass.quantize import Activation
 
 __all__ = [
     "ACTIVATIONS",
@@ -62,24 +63,6 @@ class NormRecord:
     groups: int
     num_channels: int
     activation_node: str  # name of the activation node folded into PN-Act ("" if none)
-
-
-def _activation(h: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
-    if activation == "relu":
-        return F.relu(h)
-    if activation == "relu6":
-        return F.relu6(h)
-    if activation == "leaky_relu":
-        return F.leaky_relu(h, negative_slope)
-    if activation == "silu":
-        return F.silu(h)
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "hardswish":
-        return F.hardswish(h)
-    if activation == "mish":
-        return F.mish(h)
-    return h
 
 
 # Positively homogeneous activations: act(h) == h * act'(h). Their backward needs neither the
@@ -121,7 +104,7 @@ def proxy_statistics(
     dtype = _stats_dtype(weight.dtype)
     q = _quantiles(num_points, weight.device, dtype)
     proxy = proxy_bias.to(dtype)[:, None] + (1 + proxy_weight.to(dtype))[:, None] * q[None, :]
-    p = _activation(weight.to(dtype)[:, None] * proxy + bias.to(dtype)[:, None], activation, negative_slope)
+    p = Activation(activation, negative_slope)(weight.to(dtype)[:, None] * proxy + bias.to(dtype)[:, None])
     var, mean = torch.var_mean(p, dim=1, correction=0)
     return mean, torch.rsqrt(var + proxy_eps)
 
@@ -166,7 +149,7 @@ class _ProxyNormActFunction(torch.autograd.Function):
             activation=activation, negative_slope=negative_slope, proxy_eps=proxy_eps, num_points=num_points,
         )
         nd = x.dim()
-        out = torch.addcmul(_channel_view(-mu * inv_std, nd), _activation(h, activation, negative_slope), _channel_view(inv_std, nd))
+        out = torch.addcmul(_channel_view(-mu * inv_std, nd), Activation(activation, negative_slope)(h), _channel_view(inv_std, nd))
         # Only x and per-(sample, group) statistics: everything else is rebuilt in backward.
         ctx.save_for_backward(x, mean, rstd, weight, bias, proxy_weight, proxy_bias)
         ctx.config = (groups, activation, negative_slope, proxy_eps, num_points)
@@ -203,7 +186,7 @@ class _ProxyNormActFunction(torch.autograd.Function):
         else:
             h.requires_grad_()
             with torch.enable_grad():
-                z = _activation(h, activation, negative_slope)
+                z = Activation(activation, negative_slope)(h)
             # torch's own activation backward, so boundary conventions (e.g. at kinks) match eager.
             (grad_h_raw,) = torch.autograd.grad(z, h, g)
             grad_z_dot_z = (g * z.detach()).sum(reduce_dims)
@@ -262,7 +245,7 @@ def proxy_norm_act(
     )
     nd = x.dim()
     h = F.group_norm(x.to(dtype), groups, weight.to(dtype), bias.to(dtype), eps)
-    z = _activation(h, activation, negative_slope)
+    z = Activation(activation, negative_slope)(h)
     return ((z - _channel_view(mu, nd)) * _channel_view(inv_std, nd)).to(x.dtype)
 
 
