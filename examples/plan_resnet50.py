@@ -3,9 +3,9 @@
     python examples/plan_resnet50.py                       # batch 32, 224 px, plans only
     python examples/plan_resnet50.py --batch 4 --image 64 --measure   # also one real CPU step
 
-Prints the plan of the plain model and of the 4-bit rewrite (if the rewrite passes are
-installed), the largest tensors autograd keeps for backward, and with --measure the measured
-peak of one real training step next to the prediction.
+Prints the plan of the plain model and of the 4-bit rewrite, the largest tensors autograd keeps
+for backward, and with --measure the measured peak of one real training step next to the
+prediction.
 """
 
 from __future__ import annotations
@@ -32,15 +32,11 @@ def main() -> int:
     model = gp.load_model("torchvision:resnet50")
     # Meta inputs: the plan is computed from shapes alone, whatever the batch size.
     inputs = gp.example_inputs(args.batch, args.image, device="meta")
-    try:
-        plan = gp.plan(model, inputs, bits=args.bits, description=f"resnet50 batch {args.batch} {args.image}px")
-    except ImportError as e:  # the rewrite passes are a separate package in this checkout
-        print(f"(no {args.bits}-bit plan: {e})", file=sys.stderr)
-        plan = gp.plan(model, inputs, description=f"resnet50 batch {args.batch} {args.image}px")
+    plan = gp.plan(model, inputs, bits=args.bits, description=f"resnet50 batch {args.batch} {args.image}px")
     gp.verify_plan(plan)
     print(plan.summary())
 
-    reference = plan.baseline if plan.baseline is not None else plan
+    reference = plan.baseline
     kept = sorted(
         (t for t in reference.tensors if t.kind in ("saved", "internal") and t.start < reference.num_forward_steps < t.end),
         key=lambda t: -t.nbytes,

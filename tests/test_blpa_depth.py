@@ -6,16 +6,11 @@ saved for backward, so the error stays local to each layer and does not grow wit
 
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import graphpass as gp
-
-pytest.importorskip(
-    "passes.insert_quantize_on_save", reason="needs the quantize-on-save pass (passes/insert_quantize_on_save.py)"
-)
 
 BITS = 4
 DEPTHS = (2, 8, 16)

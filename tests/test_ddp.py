@@ -18,7 +18,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 import graphpass as gp
 
-pytest.importorskip("passes.replace_batchnorm", reason="needs the BatchNorm rewrite (passes/replace_batchnorm.py)")
 pytestmark = pytest.mark.slow
 
 WORLD = 2
