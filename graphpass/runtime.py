@@ -5,7 +5,8 @@ are ``call_function`` nodes that return their first argument unchanged (see :dat
 
 - :func:`compress_saved` (after the first input) opens a *session* for one forward pass: it pushes
   ``saved_tensors_hooks`` so that every tensor autograd saves from here on goes through
-  :meth:`_Session.pack`. Nothing happens in ``eval()`` or under ``torch.no_grad()``.
+  :meth:`_Session.pack`. Nothing happens in ``eval()`` or under ``torch.no_grad()``. The graph's
+  inputs themselves are saved as they are: the caller holds them anyway.
 - :func:`layer_input` (before a norm) and :func:`quantize_layer` (after it, before the activation)
   bracket one Conv -> Norm -> Act layer (BLPA, papers.md section 1). ``quantize_layer`` keeps ONE
   K-bit copy of the layer: the pre-activation ``y`` on the zero-anchored grid of
@@ -50,6 +51,8 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_leaves
 
 from graphpass.quantize import (
     DEFAULT_GROUP_SIZE,
@@ -152,13 +155,23 @@ class CompressionState(nn.Module):
 # ----------------------------------------------------------------------------- the graph ops
 
 
-def compress_saved(x: Any, state: CompressionState, *, bits: int, rounding: str = "nearest") -> Any:
-    """From here to :func:`compress_saved_end`, autograd keeps ``bits``-bit copies of what it saves."""
+def compress_saved(x: Any, state: CompressionState, *inputs: Any, bits: int, rounding: str = "nearest") -> Any:
+    """From here to :func:`compress_saved_end`, autograd keeps ``bits``-bit copies of what it saves.
+
+    ``x`` and ``inputs`` are the graph's inputs. What autograd saves of them (or of views of them
+    without autograd history) is kept as it is: the caller holds them through the step anyway (the
+    batch of a training loop), so a copy would cost memory on top and put error into the first
+    layer's weight gradient (BLPA keeps the image too).
+    """
     if state.session is not None:  # the previous forward raised before reaching its end point
         state.session.close()
         state.session = None
     if state.training and torch.is_grad_enabled():
         state.session = _Session(bits if _QUANTIZE.get() else None, rounding == "stochastic")
+        for t in tree_leaves((x, inputs)):
+            if isinstance(t, torch.Tensor):
+                ref = StorageWeakRef(t.untyped_storage())
+                state.session.input_storages[ref.cdata] = ref
     return x
 
 
@@ -422,6 +435,9 @@ class _Session:
         self.layers: dict[int, _Layer] = {}
         self.awaiting: dict[Any, _Layer] = {}  # norm's autograd node -> layer whose activation follows
         self.index_bound: int | None = None  # set between pool_input and pool_output
+        # The graph inputs' storages (held by the caller), weakly: a weak reference also stops the
+        # address, which is the key, from being reused by another storage while the session lives.
+        self.input_storages: dict[int, StorageWeakRef] = {}
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
         self.hooks.__enter__()
 
@@ -433,6 +449,7 @@ class _Session:
         self.entries.clear()
         self.layers.clear()
         self.awaiting.clear()
+        self.input_storages.clear()
 
     # -- layer mode
 
@@ -545,10 +562,10 @@ class _Session:
             return values
         if self.index_bound is not None and t.dtype == torch.int64:
             return self._indices(t, self.index_bound)
-        if _keep_as_is(t):
+        node = t.grad_fn
+        if _keep_as_is(t) or (node is None and t.untyped_storage()._cdata in self.input_storages):
             record_pack(t, _nbytes(t), "full")
             return t
-        node = t.grad_fn
         if entry is None and node is not None and self.awaiting:
             ref = self._layer_role(t, node)
             if ref is not None:

@@ -15,7 +15,8 @@ Before / after (``bits=4``)::
 Every point returns its first argument, so the forward pass computes exactly what it computed
 before; what changes is what autograd keeps (graphpass/runtime.py): one anchored K-bit copy per
 Conv -> Norm -> Act layer, and per-group K-bit copies, 1-bit masks or exact copies of everything
-else autograd saves between ``compress_saved`` and ``compress_saved_end``.
+else autograd saves between ``compress_saved`` and ``compress_saved_end``, except the graph's inputs,
+which the caller holds anyway and which are kept as they are.
 
 Layers: a norm node (BatchNorm1d/2d/3d or SyncBatchNorm module, GroupNorm module, ScaledGroupNorm,
 ``F.batch_norm``, ``F.group_norm``; or a ProxyNormAct module, whose activation is inside it, stored as
@@ -215,7 +216,8 @@ def insert_quantize_on_save(gm: torch.fx.GraphModule, *, bits: int, rounding: st
     state.meta[META_FROM_PASS] = PASS_NAME
     with graph.inserting_after(state):
         fmt = runtime.QuantFormat("begin", bits, "group", rounding)
-        begin = _add_point(graph, first, runtime.compress_saved, (first, state), {"bits": bits, "rounding": rounding}, fmt, "compress_saved")
+        args = (first, state, *placeholders[1:])
+        begin = _add_point(graph, first, runtime.compress_saved, args, {"bits": bits, "rounding": rounding}, fmt, "compress_saved")
     first.replace_all_uses_with(begin, delete_user_cb=lambda user: user is not begin)
 
     activations: dict[str, int] = {}

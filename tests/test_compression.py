@@ -384,6 +384,43 @@ def test_shared_tensor_is_stored_once_and_masks_take_one_bit():
     assert relu_saves[1][1] > 0 and relu_saves[2][1] == 0
 
 
+class TwoInputs(nn.Module):
+    """Linear layers on views of both graph inputs, and one on a new tensor computed from one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_x, self.on_y, self.on_product = nn.Linear(1024, 8), nn.Linear(1024, 8), nn.Linear(1024, 8)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        product = x.flatten(1) * y.flatten(1)
+        return self.on_x(x.flatten(1)) + self.on_y(y.flatten(1)) + self.on_product(product)
+
+
+def test_graph_inputs_and_their_views_are_saved_as_they_are():
+    """The caller holds its inputs anyway: a copy would cost memory and put error into the
+    gradients of the layers that read them. A new tensor computed from them is compressed."""
+    x, y = torch.randn(128, 4, 16, 16), torch.randn(128, 4, 16, 16)  # 131,072 elements: no statistic
+    model = TwoInputs().train()
+    gm = trace(copy.deepcopy(model), (x, y))
+    insert_quantize_on_save(gm, bits=4)
+    gm.recompile()
+    assert "compress_saved(x, graphpass_compression, y," in gm.code
+    recorded = Recorded()
+    with recording(recorded):
+        out = gm(x, y)
+    out.square().sum().backward()
+    model(x, y).square().sum().backward()
+    saves = [(fmt, nbytes) for fmt, shape, nbytes in recorded.calls if shape == (128, 1024)]
+    assert saves == [("full", x.nbytes), ("full", y.nbytes), ("q4-group", saves[2][1])]
+    assert 0 < saves[2][1] < x.nbytes / 4
+    reference = dict(model.named_parameters())
+    for name in ("on_x.weight", "on_y.weight", "on_x.bias", "on_product.bias"):
+        assert torch.equal(gm.get_parameter(name).grad, reference[name].grad), name
+    assert not torch.equal(gm.on_product.weight.grad, model.on_product.weight.grad)  # 4-bit input
+    got, expected = gm.on_product.weight.grad.flatten(), model.on_product.weight.grad.flatten()
+    assert F.cosine_similarity(got, expected, 0) > 0.97  # 0.986: a product of Gaussians has heavy tails
+
+
 def test_a_reused_python_id_is_not_mistaken_for_the_same_tensor():
     """A dead tensor's id (and memory) gets reused by the allocator; its entry must not match."""
     state = runtime.CompressionState()
