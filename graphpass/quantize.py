@@ -22,7 +22,8 @@ into [2, n-3] so that from 4 bits finite values keep their exact sign there too.
 
 CUDA tensors go through the fused Triton kernels in :mod:`graphpass.triton_kernels` (one pass each
 way); CPU, meta and fake tensors through the PyTorch code here, which computes the same codes
-with the same float32 operations. Inputs are read in memory order (``Packed.perm``), so
+with the same float32 operations; on a real CPU tensor, where a host sync is free, it skips the
+NaN/Inf steps when no group or block is flagged. Inputs are read in memory order (``Packed.perm``), so
 channels_last and other dense layouts are not copied and come back with the same strides.
 """
 
@@ -454,6 +455,15 @@ def _top_code(flagged: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(flagged, n - 4, n - 1)
 
 
+def _may_have_specials(flags: torch.Tensor) -> bool:
+    """False only when ``flags`` (per group or block) are known to be all clear: on a real CPU tensor,
+    where asking costs no device sync. The PyTorch path then skips its NaN/Inf steps, which change
+    nothing without flags; fake and meta tensors keep the branch-free path."""
+    if flags.device.type != "cpu" or _is_fake(flags):
+        return True
+    return bool(flags.any())
+
+
 def _per_element(per_block: torch.Tensor, numel: int) -> torch.Tensor:
     """Spread one value per FLAG_BLOCK over the elements."""
     blocks = per_block.numel()
@@ -518,8 +528,10 @@ def _group_pack_torch(flat: torch.Tensor, bits: int, group_size: int, num_groups
     t.add_(torch.rand_like(t) if stochastic else 0.5).floor_().clamp_min_(0.0)
     code = torch.minimum(t, top[:, None].to(torch.float32), out=t).to(torch.uint8)
     del t
-    # In uint8, top + 1 wraps to 0 only in groups without NaN/Inf, where no special code is chosen.
-    code = _special_codes(x, code, top[:, None].to(torch.uint8)).view(-1)
+    if _may_have_specials(flagged):
+        # In uint8, top + 1 wraps to 0 only in groups without NaN/Inf, where no special code is chosen.
+        code = _special_codes(x, code, top[:, None].to(torch.uint8))
+    code = code.view(-1)
     if numel % group_size:
         code[numel:] = 0
     codes = _pack_bits(code, bits)
@@ -531,7 +543,8 @@ def _group_unpack_torch(p: Packed, numel: int) -> torch.Tensor:
     code = _unpack_bits(p.codes, p.bits, groups * p.group_size).view(groups, p.group_size)
     base, step = p.scales[:, 0:1], p.scales[:, 1:2]
     value = base + code.to(torch.float32) * step
-    value = _decode_specials(value, code.to(torch.int32), _top_code(p.flags.bool(), p.bits)[:, None])
+    if _may_have_specials(p.flags):
+        value = _decode_specials(value, code.to(torch.int32), _top_code(p.flags.bool(), p.bits)[:, None])
     return value.view(-1)[:numel].to(p.dtype)
 
 
@@ -567,6 +580,9 @@ def _anchored_pack_torch(flat, bits, grid, channels, inner, stochastic):
     r.masked_fill_(positive & (r < 0), 0.0)
     r.masked_fill_(~positive & (r > -1), -1.0)
     del positive
+    if not _may_have_specials(block_flagged):
+        code = r.add_(shift).clamp_(0.0, n - 1.0).to(torch.uint8)
+        return _pack_bits(_pad(code.view(-1), 8 // bits), bits), block_flagged.to(torch.uint8)
     # + shift, then clamp to the finite codes; flagged blocks use their own shift and range (the
     # kernel's per-element grid). Exact: r is an integer, or so large that every form clamps alike.
     flagged_shift, _, _ = _anchored_flagged_grid(torch.ones_like(shift, dtype=torch.bool), shift, bits)
@@ -590,6 +606,8 @@ def _anchored_unpack_torch(p: Packed, numel: int, channels: int, inner: int) -> 
     n = 1 << p.bits
     step, shift = p.grid[:, 0].view(1, channels, 1), p.grid[:, 2].view(1, channels, 1)
     code = _unpack_bits(p.codes, p.bits, numel).view(-1, channels, inner)
+    if not _may_have_specials(p.flags):
+        return code.to(torch.float32).sub_(shift).add_(0.5).mul_(step).view(-1)
     flagged = _per_element(p.flags.bool(), numel).view_as(code)
     flagged_shift, _, _ = _anchored_flagged_grid(torch.ones_like(shift, dtype=torch.bool), shift, p.bits)
     # ((code - shift) + 0.5) * step as the kernel computes it: the terms are exact integers until the
