@@ -13,6 +13,8 @@ allocates the tensor (inclusive), ``end`` one past the last step that reads it (
   order) that saved it. Graph outputs live to the end (the loss and the caller hold them).
 - internal and compressed tensors: from the forward step of the node that made them to one past
   the backward step of the node that saved them.
+- what backward rebuilds from a compressed copy (kind "unpacked"): the full-size tensor, during
+  the backward step of each node that saved it (autograd unpacks when the node runs).
 - the gradient of a node's output: from the backward step of its first consumer in backward
   order (the first backward step for graph outputs, where the loss's gradient arrives) to one
   past the node's own backward step, which consumes it. Views and tuple items pass their
@@ -23,12 +25,14 @@ allocates the tensor (inclusive), ``end`` one past the last step that reads it (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch.fx
 
 from graphpass.memory_plan import PlannedTensor
 from graphpass.meta import set_meta
+from graphpass.runtime import is_compression_node
 from graphpass.saved_tensors import SavedTensors
 
 __all__ = ["META_LIVE", "LiveRange", "Liveness", "compute_liveness"]
@@ -116,6 +120,17 @@ def compute_liveness(gm: torch.fx.GraphModule, saved: SavedTensors) -> Liveness:
             PlannedTensor(unique(name), node, module_of.get(info.owner, ""), kind, info.nbytes,
                           start[info.id], end[info.id], None)
         )
+
+    for n in backward:
+        if is_compression_node(n):
+            continue  # its record is the copy it made, not a save that its (identity) backward reads
+        for s in records[n.name].saved:
+            if s.kind == "compressed":
+                nbytes = math.prod(s.shape) * s.dtype.itemsize
+                step = bwd[n.name]
+                tensors.append(
+                    PlannedTensor(unique(f"{n.name}:unpacked"), n.name, module_of[n.name], "unpacked", nbytes, step, step + 1, None)
+                )
 
     # Activation gradients, walking the graph backwards so consumers are resolved first.
     grad_start: dict[str, int] = {}

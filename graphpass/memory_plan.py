@@ -39,7 +39,9 @@ __all__ = [
     "verify_plan",
 ]
 
-KINDS = ("input", "parameter", "activation", "saved", "compressed", "activation_grad", "param_grad", "internal")
+KINDS = (
+    "input", "parameter", "activation", "saved", "compressed", "unpacked", "activation_grad", "param_grad", "internal",
+)  # fmt: skip
 ARENA_KINDS = frozenset(KINDS) - {"input", "parameter"}
 # What autograd holds for backward beyond parameters and inputs.
 SAVED_KINDS = frozenset({"saved", "compressed", "internal"})

@@ -170,6 +170,14 @@ class _Discovery(torch.fx.Interpreter):
             for t in flatten_tensors(self.values[n.name]):
                 self.storage_id(t, kind, n.name)
                 self.tensor_owner.setdefault(id(t), n.name)
+        # Copies first: a reference can be reported before the copy it shares is made (a norm saves
+        # its input before quantize_layer, after it, makes the layer's one copy).
+        for node, t, fmt, stored_nbytes in self.packed:
+            key = (self.storage_id(t, "internal", node), fmt)
+            if fmt != "full" and stored_nbytes and key not in self.compressed_of:
+                cid = len(self.storages)
+                self.storages[cid] = StorageInfo(cid, stored_nbytes, "compressed", node)
+                self.compressed_of[key] = cid
         for node, t, fmt, stored_nbytes in self.packed:
             sid = self.storage_id(t, "internal", node)
             info = self.storages[sid]
@@ -184,10 +192,6 @@ class _Discovery(torch.fx.Interpreter):
                 key = (sid, fmt)
                 if key in self.compressed_of:
                     cid = self.compressed_of[key]
-                elif stored_nbytes:
-                    cid = len(self.storages)
-                    self.storages[cid] = StorageInfo(cid, stored_nbytes, "compressed", node)
-                    self.compressed_of[key] = cid
                 else:
                     shared = self.nearest_copy(node, fmt)
                     if shared is None:

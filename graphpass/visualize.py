@@ -51,6 +51,7 @@ KIND_COLOURS = {
     "activation": "#4e79a7",  # full-precision activation
     "saved": "#f28e2b",  # full-precision copy kept for backward
     "compressed": "#59a14f",  # compressed copy kept for backward
+    "unpacked": "#8cd17d",  # full-size tensor rebuilt from a compressed copy while its backward runs
     "internal": "#b07aa1",
     "activation_grad": "#e15759",
     "param_grad": "#9c755f",
