@@ -580,21 +580,24 @@ def _anchored_pack_torch(flat, bits, grid, channels, inner, stochastic):
     r.masked_fill_(positive & (r < 0), 0.0)
     r.masked_fill_(~positive & (r > -1), -1.0)
     del positive
-    if not _may_have_specials(block_flagged):
-        code = r.add_(shift).clamp_(0.0, n - 1.0).to(torch.uint8)
-        return _pack_bits(_pad(code.view(-1), 8 // bits), bits), block_flagged.to(torch.uint8)
+    specials = _may_have_specials(block_flagged)
     # + shift, then clamp to the finite codes; flagged blocks use their own shift and range (the
     # kernel's per-element grid). Exact: r is an integer, or so large that every form clamps alike.
-    flagged_shift, _, _ = _anchored_flagged_grid(torch.ones_like(shift, dtype=torch.bool), shift, bits)
-    flagged = _per_element(block_flagged, numel).view_as(x)
-    r.add_(shift).addcmul_(flagged, flagged_shift - shift).clamp_(0.0, n - 1.0)
-    r.masked_fill_(flagged & (r < 1), 1.0)
-    r.masked_fill_(flagged & (r > n - 3), n - 3.0)
+    r.add_(shift)
+    if specials:
+        flagged_shift, _, _ = _anchored_flagged_grid(torch.ones_like(shift, dtype=torch.bool), shift, bits)
+        flagged = _per_element(block_flagged, numel).view_as(x)
+        r.addcmul_(flagged, flagged_shift - shift)
+    r.clamp_(0.0, n - 1.0)
+    if specials:
+        r.masked_fill_(flagged & (r < 1), 1.0)
+        r.masked_fill_(flagged & (r > n - 3), n - 3.0)
     code = r.to(torch.uint8)
     del r
-    code.masked_fill_(x != x, n - 2)
-    code.masked_fill_(x == math.inf, n - 1)
-    code.masked_fill_(x == -math.inf, 0)
+    if specials:
+        code.masked_fill_(x != x, n - 2)
+        code.masked_fill_(x == math.inf, n - 1)
+        code.masked_fill_(x == -math.inf, 0)
     codes = _pack_bits(_pad(code.view(-1), 8 // bits), bits)
     return codes, block_flagged.to(torch.uint8)
 
