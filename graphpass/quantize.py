@@ -609,16 +609,17 @@ def _anchored_unpack_torch(p: Packed, numel: int, channels: int, inner: int) -> 
     n = 1 << p.bits
     step, shift = p.grid[:, 0].view(1, channels, 1), p.grid[:, 2].view(1, channels, 1)
     code = _unpack_bits(p.codes, p.bits, numel).view(-1, channels, inner)
-    if not _may_have_specials(p.flags):
-        return code.to(torch.float32).sub_(shift).add_(0.5).mul_(step).view(-1)
-    flagged = _per_element(p.flags.bool(), numel).view_as(code)
-    flagged_shift, _, _ = _anchored_flagged_grid(torch.ones_like(shift, dtype=torch.bool), shift, p.bits)
+    specials = _may_have_specials(p.flags)
     # ((code - shift) + 0.5) * step as the kernel computes it: the terms are exact integers until the
     # multiply, so subtracting the flagged blocks' shift correction separately changes no bit.
     value = code.to(torch.float32).sub_(shift)
-    value.addcmul_(flagged, flagged_shift - shift, value=-1)
+    if specials:
+        flagged = _per_element(p.flags.bool(), numel).view_as(code)
+        flagged_shift, _, _ = _anchored_flagged_grid(torch.ones_like(shift, dtype=torch.bool), shift, p.bits)
+        value.addcmul_(flagged, flagged_shift - shift, value=-1)
     value.add_(0.5).mul_(step)
-    value.masked_fill_(flagged & (code == 0), -math.inf)
-    value.masked_fill_(flagged & (code == n - 2), math.nan)
-    value.masked_fill_(flagged & (code == n - 1), math.inf)
+    if specials:
+        value.masked_fill_(flagged & (code == 0), -math.inf)
+        value.masked_fill_(flagged & (code == n - 2), math.nan)
+        value.masked_fill_(flagged & (code == n - 1), math.inf)
     return value.view(-1)

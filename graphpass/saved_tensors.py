@@ -172,14 +172,13 @@ class _Discovery(torch.fx.Interpreter):
                 self.tensor_owner.setdefault(id(t), n.name)
         # Copies first: a reference can be reported before the copy it shares is made (a norm saves
         # its input before quantize_layer, after it, makes the layer's one copy).
-        for node, t, fmt, stored_nbytes in self.packed:
-            key = (self.storage_id(t, "internal", node), fmt)
-            if fmt != "full" and stored_nbytes and key not in self.compressed_of:
+        sids = [self.storage_id(t, "internal", node) for node, t, _, _ in self.packed]
+        for sid, (node, _, fmt, stored_nbytes) in zip(sids, self.packed):
+            if fmt != "full" and stored_nbytes and (sid, fmt) not in self.compressed_of:
                 cid = len(self.storages)
                 self.storages[cid] = StorageInfo(cid, stored_nbytes, "compressed", node)
-                self.compressed_of[key] = cid
-        for node, t, fmt, stored_nbytes in self.packed:
-            sid = self.storage_id(t, "internal", node)
+                self.compressed_of[(sid, fmt)] = cid
+        for sid, (node, t, fmt, _) in zip(sids, self.packed):
             info = self.storages[sid]
             if info.kind != "activation":
                 kind, source = info.kind, info.owner
