@@ -90,6 +90,8 @@ def test_resnet50_saved_bytes_at_8_4_2_bits():
     for bits, max_fraction in ((8, 1 / 3.5), (4, 1 / 7), (2, 1 / 12)):
         gm = transformed(model, None, bits=bits)
         held = bytes_held_after_forward(gm, 8, 224, "meta")
+        # The README's figures (pytest -s).
+        print(f"{bits} bits: {held / 2**20:.1f} MiB of {plain / 2**20:.1f} MiB (1/{plain / held:.2f})")
         assert held <= plain * max_fraction, f"{bits} bits: {held / 2**20:.1f} MiB of {plain / 2**20:.1f} MiB"
 
 
