@@ -21,6 +21,7 @@ __all__ = [
     "anchored_table",
     "anchored_pack",
     "anchored_unpack",
+    "anchored_channel_sums",
     "activation_code",
     "mask_pack",
     "mask_unpack",
@@ -290,8 +291,9 @@ def activation_code(activation) -> int | None:
 
 
 @triton.jit
-def _activate(v, ACTIVATION: tl.constexpr, negative_slope):
-    # PyTorch's CPU formulas, NaN propagating like them (comparisons, not min/max, decide).
+def _activate(v, ACTIVATION: tl.constexpr, negative_slope, ON_CUDA: tl.constexpr):
+    # PyTorch's formulas on the tensor's device, NaN propagating like them (comparisons, not
+    # min/max, decide).
     if ACTIVATION == 1:
         v = tl.where(v < 0, 0.0, v)
     elif ACTIVATION == 2:
@@ -299,7 +301,11 @@ def _activate(v, ACTIVATION: tl.constexpr, negative_slope):
     elif ACTIVATION == 3:
         v = tl.where(v > 0, v, v * negative_slope)
     elif ACTIVATION == 4:
-        v = tl.math.div_rn(v * tl.minimum(tl.maximum(v + 3.0, 0.0), 6.0), tl.full(v.shape, 6.0, tl.float32))
+        v = v * tl.minimum(tl.maximum(v + 3.0, 0.0), 6.0)
+        if ON_CUDA:  # PyTorch's CUDA kernel multiplies by a rounded 1/6, its CPU kernel divides by 6
+            v = v * 0.16666667
+        else:
+            v = tl.math.div_rn(v, tl.full(v.shape, 6.0, tl.float32))
     elif ACTIVATION == 5:
         v = tl.math.div_rn(v, 1.0 + tl.exp(-v))
     elif ACTIVATION == 6:
@@ -312,26 +318,21 @@ _SAMPLE_DIVISORS = ["n_magic", "n_shift", "bi_magic", "bi_shift"]
 
 @triton.jit(do_not_specialize=_DIVISORS + _SAMPLE_DIVISORS)
 def _anchored_unpack_kernel(
-    codes_ptr, flags_ptr, table_ptr, scale_ptr, shift_ptr, out_ptr, numel, channels, inner,
+    codes_ptr, flags_ptr, table_ptr, scale_ptr, shift_ptr, grad_ptr, grad_scale_ptr, out_ptr, numel, channels, inner,
     ch_magic, ch_shift, in_magic, in_shift, batch, batch_inner, n_magic, n_shift, bi_magic, bi_shift, negative_slope,
     BITS: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr, INNER_IS_ONE: tl.constexpr,
     ACTIVATION: tl.constexpr, AFFINE: tl.constexpr, PER_SAMPLE: tl.constexpr, BATCH_INNER_IS_ONE: tl.constexpr,
+    ON_CUDA: tl.constexpr, ADD_GRAD: tl.constexpr,
 ):  # fmt: skip
     PER: tl.constexpr = 8 // BITS
-    N: tl.constexpr = 1 << BITS
     block, byte, lane, offs = _block_offsets(BITS, BLOCK, WIDE)
     valid = offs < numel
     packed = tl.load(codes_ptr + byte, mask=byte * PER < numel, other=0)
-    code = (packed.to(tl.int32)[:, None] >> (lane * BITS)[None, :]) & (N - 1)
+    code = (packed.to(tl.int32)[:, None] >> (lane * BITS)[None, :]) & ((1 << BITS) - 1)
     channel = _channel_of(offs, channels, inner, ch_magic, ch_shift, in_magic, in_shift, WIDE, INNER_IS_ONE)
-    row = channel * 3
-    flagged = tl.load(flags_ptr + block) != 0
-    shift, _, _ = _anchored_flagged_grid(flagged, tl.load(table_ptr + row + 2), N)
-    value = ((code.to(tl.float32) - shift) + 0.5) * tl.load(table_ptr + row)
-    special = tl.where(code == 0, -float("inf"), tl.where(code == N - 1, float("inf"), float("nan")))
-    value = tl.where(flagged & ((code == 0) | (code >= N - 2)), special, value)
+    value = _anchored_decode(code, tl.load(flags_ptr + block) != 0, table_ptr + channel * 3, BITS)
     # Epilogue (graphpass.quantize.apply_epilogue): activation(value) * scale + shift, then one rounding.
-    value = _activate(value, ACTIVATION, negative_slope)
+    value = _activate(value, ACTIVATION, negative_slope, ON_CUDA)
     if AFFINE:
         index = channel
         if PER_SAMPLE:
@@ -339,7 +340,77 @@ def _anchored_unpack_kernel(
             index = sample * channels + channel
         # torch.addcmul on the CPU is a fused multiply-add too (the interpreter rounds twice).
         value = tl.fma(value, tl.load(scale_ptr + index), tl.load(shift_ptr + index))
+    if ADD_GRAD:  # graphpass.quantize.fused_norm_grad: + grad_scale * grad
+        grad = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        value = tl.fma(grad, tl.load(grad_scale_ptr + channel), value)
     tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _anchored_decode(code, flagged, table_row, BITS: tl.constexpr):
+    # Rebuilt values (graphpass.quantize._anchored_decode_torch) of int32 codes; ``table_row``
+    # points at each element's channel row [step, 1/step, shift] of the grid.
+    N: tl.constexpr = 1 << BITS
+    shift, _, _ = _anchored_flagged_grid(flagged, tl.load(table_row + 2), N)
+    value = ((code.to(tl.float32) - shift) + 0.5) * tl.load(table_row)
+    special = tl.where(code == 0, -float("inf"), tl.where(code == N - 1, float("inf"), float("nan")))
+    return tl.where(flagged & ((code == 0) | (code >= N - 2)), special, value)
+
+
+@triton.jit
+def _anchored_channel_sums_kernel(
+    codes_ptr, flags_ptr, table_ptr, grad_ptr, center_ptr, sums_ptr, channels, inner, rows, rows_per_program,
+    BITS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_INNER: tl.constexpr, WIDE: tl.constexpr, FLAG: tl.constexpr,
+):  # fmt: skip
+    # Program (c, s) sums grad and grad * (v - center) over rows [s * rows_per_program, ...) of channel c, the
+    # copy seen as (rows, channels, inner): fixed order, so the sums are deterministic.
+    PER: tl.constexpr = 8 // BITS
+    channel = tl.program_id(0)
+    split = tl.program_id(1)
+    first = split * rows_per_program
+    last = tl.minimum(first + rows_per_program, rows)
+    r = tl.arange(0, BLOCK_ROWS)[:, None]
+    j = tl.arange(0, BLOCK_INNER)[None, :]
+    if WIDE:
+        r = r.to(tl.int64)
+    sum_g = tl.zeros([BLOCK_ROWS, BLOCK_INNER], dtype=tl.float32)
+    sum_gv = tl.zeros([BLOCK_ROWS, BLOCK_INNER], dtype=tl.float32)
+    table_row = table_ptr + channel * 3
+    center = tl.load(center_ptr + channel)
+    for row0 in range(first, last, BLOCK_ROWS):
+        for inner0 in range(0, inner, BLOCK_INNER):
+            valid = (row0 + r < last) & (inner0 + j < inner)
+            offs = ((row0 + r) * channels + channel) * inner + inner0 + j
+            packed = tl.load(codes_ptr + offs // PER, mask=valid, other=0)
+            code = (packed.to(tl.int32) >> ((offs % PER) * BITS).to(tl.int32)) & ((1 << BITS) - 1)
+            flagged = tl.load(flags_ptr + offs // FLAG, mask=valid, other=0) != 0
+            value = _anchored_decode(code, flagged, table_row, BITS)
+            grad = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            sum_g += grad
+            sum_gv += tl.where(valid, grad * (value - center), 0.0)
+    tl.store(sums_ptr + split * 2 * channels + channel, tl.sum(tl.sum(sum_g, axis=1), axis=0))
+    tl.store(sums_ptr + (split * 2 + 1) * channels + channel, tl.sum(tl.sum(sum_gv, axis=1), axis=0))
+
+
+_SUMS_TILE = 1024  # elements per loop step of the channel-sums kernel
+_SUMS_PROGRAMS = 1024  # aim: programs over all channels, enough to fill a GPU
+
+
+def anchored_channel_sums(codes, flags, grid, bits: int, grad, center, channels: int, inner: int, numel: int):
+    """graphpass.quantize.channel_sums: per-channel (sum(grad), sum(grad * (v - center))), float32."""
+    rows = numel // (channels * inner)
+    splits = max(1, min(rows, _SUMS_PROGRAMS // channels))
+    per_program = triton.cdiv(rows, splits)
+    splits = triton.cdiv(rows, per_program)
+    block_inner = min(triton.next_power_of_2(inner), _SUMS_TILE)
+    sums = torch.empty(splits, 2, channels, dtype=torch.float32, device=codes.device)
+    _anchored_channel_sums_kernel[(channels, splits)](
+        codes, flags, grid, grad, center, sums, channels, inner, rows, per_program,
+        BITS=bits, BLOCK_ROWS=_SUMS_TILE // block_inner, BLOCK_INNER=block_inner, WIDE=_wide(numel), FLAG=FLAG_BLOCK,
+        num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    total = sums.sum(0)
+    return total[0], total[1]
 
 
 def anchored_table(mean, std, bits: int) -> torch.Tensor:
@@ -370,17 +441,20 @@ def anchored_pack(flat, bits: int, grid, channels: int, inner: int, stochastic: 
 def anchored_unpack(
     codes, flags, grid, bits: int, channels: int, inner: int, numel: int, dtype,
     *, activation: int = 0, negative_slope: float = 0.0, tables=None, batch: int = 1, batch_inner: int = 1,
+    addend=None,
 ) -> torch.Tensor:  # fmt: skip
-    """Unpack with the epilogue ``activation(v) * scale + shift``; ``tables`` = (scale, shift), flat
-    float32, per channel or per (sample, channel) where a sample is ``(offset // batch_inner) % batch``."""
+    """Unpack with the epilogue ``activation(v) * scale + shift (+ grad_scale * grad)``; ``tables`` =
+    (scale, shift), flat float32, per channel or per (sample, channel) where a sample is
+    ``(offset // batch_inner) % batch``; ``addend`` = (grad in memory order, per-channel grad_scale)."""
     out = torch.empty(numel, dtype=dtype, device=codes.device)
     scale, shift = tables if tables is not None else (grid, grid)  # unread without AFFINE
+    grad, grad_scale = addend if addend is not None else (grid, grid)  # unread without ADD_GRAD
     _anchored_unpack_kernel[(flags.numel(),)](
-        codes, flags, grid, scale, shift, out, numel, channels, inner, *_magic(channels), *_magic(inner),
+        codes, flags, grid, scale, shift, grad, grad_scale, out, numel, channels, inner, *_magic(channels), *_magic(inner),
         batch, batch_inner, *_magic(batch), *_magic(batch_inner), negative_slope,
         BITS=bits, BLOCK=FLAG_BLOCK, WIDE=_wide(numel), INNER_IS_ONE=inner == 1,
         ACTIVATION=activation, AFFINE=tables is not None, PER_SAMPLE=tables is not None and scale.numel() != channels,
-        BATCH_INNER_IS_ONE=batch_inner == 1, num_warps=_NUM_WARPS,
+        BATCH_INNER_IS_ONE=batch_inner == 1, ON_CUDA=out.is_cuda, ADD_GRAD=addend is not None, num_warps=_NUM_WARPS,
     )  # fmt: skip
     return out
 
