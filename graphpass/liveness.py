@@ -14,7 +14,8 @@ allocates the tensor (inclusive), ``end`` one past the last step that reads it (
 - internal and compressed tensors: from the forward step of the node that made them to one past
   the backward step of the node that saved them.
 - what backward rebuilds from a compressed copy (kind "unpacked"): the full-size tensor, during
-  the backward step of each node that saved it (autograd unpacks when the node runs).
+  the backward step of each node that saved it (autograd unpacks when the node runs). Not for a
+  BatchNorm whose layer holds a copy: its backward reads the copy directly.
 - the gradient of a node's output: from the backward step of its first consumer in backward
   order (the first backward step for graph outputs, where the loss's gradient arrives) to one
   past the node's own backward step, which consumes it. Views and tuple items pass their
@@ -31,11 +32,18 @@ from dataclasses import dataclass
 import torch.fx
 
 from graphpass.memory_plan import PlannedTensor
-from graphpass.meta import set_meta
-from graphpass.runtime import is_compression_node
+from graphpass.meta import META_QUANT, set_meta
+from graphpass.runtime import is_compression_node, quantize_layer
 from graphpass.saved_tensors import SavedTensors
 
 __all__ = ["META_LIVE", "LiveRange", "Liveness", "compute_liveness"]
+
+
+def _batch_norm_of_layer(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is the BatchNorm of a compressed layer (its output goes to quantize_layer)."""
+    return any(
+        u.target is quantize_layer and getattr(u.meta.get(META_QUANT), "norm", "") == "batch_norm" for u in node.users
+    )
 
 META_LIVE = "graphpass.live"  # LiveRange of the storage a node's first output lives in
 
@@ -124,8 +132,9 @@ def compute_liveness(gm: torch.fx.GraphModule, saved: SavedTensors) -> Liveness:
     for n in backward:
         if is_compression_node(n):
             continue  # its record is the copy it made, not a save that its (identity) backward reads
+        reads_copy = _batch_norm_of_layer(n)
         for s in records[n.name].saved:
-            if s.kind == "compressed":
+            if s.kind == "compressed" and not (reads_copy and s.fmt.endswith("-layer")):
                 nbytes = math.prod(s.shape) * s.dtype.itemsize
                 step = bwd[n.name]
                 tensors.append(

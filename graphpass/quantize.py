@@ -45,6 +45,8 @@ __all__ = [
     "pack_anchored",
     "pack_mask",
     "unpack",
+    "channel_sums",
+    "fused_norm_grad",
     "Activation",
     "apply_epilogue",
     "SUPPORTED_BITS",
@@ -59,6 +61,7 @@ _log = logging.getLogger(__name__)
 SUPPORTED_BITS = (2, 4, 8)
 DEFAULT_GROUP_SIZE = 256
 FLAG_BLOCK = 1024  # anchored layout: elements per NaN/Inf flag (one Triton program each)
+TORCH_CHUNK = 2**17  # elements the PyTorch path rebuilds at a time where it need not rebuild all
 TINY_STEP = 2.0**-100  # smallest grid step; keeps 1/step finite for constant channels
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _BACKENDS = (None, "torch", "triton")
@@ -278,6 +281,88 @@ def apply_epilogue(
         view = _table_shape(v.shape, channel_dim, scale.numel())
         v = torch.addcmul(shift.reshape(view), v, scale.reshape(view), out=v if inplace else None)
     return v
+
+
+@torch.no_grad()
+def channel_sums(
+    p: Packed, grad: torch.Tensor, center: torch.Tensor, *, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel of an anchored copy: ``(sum(grad), sum(grad * (v - center)))`` in float32, ``v``
+    the rebuilt values, summed over every dimension but the channel one. ``grad`` has the copy's
+    shape; ``center`` (C elements) is subtracted before the product so that a large channel mean
+    does not cancel digits away.
+
+    The reductions of a norm's backward (papers.md 1.5, step 7) read the K-bit codes directly: the
+    Triton kernel never materialises ``v``; the PyTorch path rebuilds ``TORCH_CHUNK`` elements at a time.
+    """
+    flat_g, channels, inner = _grad_for(p, grad, "channel_sums", backend)
+    center = center.detach().reshape(-1).to(device=p.device, dtype=torch.float32).contiguous()
+    if center.numel() != channels:
+        raise InputError(f"channel_sums: center must have {channels} elements (one per channel), got {center.numel()}")
+    kernels = _kernels_for(p.codes, backend)
+    if kernels is not None and p.numel > 0:
+        return kernels.anchored_channel_sums(p.codes, p.flags, p.grid, p.bits, flat_g, center, channels, inner, p.numel)
+    sum_g = flat_g.new_zeros(channels, dtype=torch.float32)
+    sum_gv = flat_g.new_zeros(channels, dtype=torch.float32)
+    rows = flat_g.view(-1, channels, inner)
+    for chunk, v in _anchored_row_chunks(p, channels, inner):
+        g = rows[chunk].float()
+        sum_g += g.sum((0, 2))
+        sum_gv += torch.einsum("rci,rci->c", g, v.sub_(center.view(1, channels, 1)))
+    return sum_g, sum_gv
+
+
+@torch.no_grad()
+def fused_norm_grad(
+    p: Packed,
+    grad: torch.Tensor,
+    *,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    grad_scale: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``v * scale + shift + grad_scale * grad`` with per-channel float32 tables (C elements each),
+    ``v`` rebuilt from the anchored copy ``p`` in the same pass; rounded once to ``dtype`` (default
+    ``grad.dtype``), in the copy's shape and memory layout.
+
+    With tables from :func:`channel_sums` this is a BatchNorm's input gradient (papers.md 1.5,
+    step 7) without a full-size rebuild of its input.
+    """
+    flat_g, channels, inner = _grad_for(p, grad, "fused_norm_grad", backend)
+    dtype = grad.dtype if dtype is None else dtype
+    tables = [t.detach().reshape(-1).to(device=p.device, dtype=torch.float32).contiguous() for t in (scale, shift, grad_scale)]
+    if any(t.numel() != channels for t in tables):
+        raise InputError(f"fused_norm_grad: scale, shift and grad_scale must have {channels} elements (one per channel)")
+    kernels = _kernels_for(p.codes, backend)
+    if kernels is not None and p.numel > 0:
+        out = kernels.anchored_unpack(
+            p.codes, p.flags, p.grid, p.bits, channels, inner, p.numel, dtype,
+            tables=tables[:2], addend=(flat_g, tables[2]),
+        )  # fmt: skip
+        return _restore(out, p.shape, p.perm)
+    out = flat_g.new_empty(p.numel, dtype=dtype)
+    rows, out_rows = flat_g.view(-1, channels, inner), out.view(-1, channels, inner)
+    scale, shift, grad_scale = (t.view(1, channels, 1) for t in tables)
+    for chunk, v in _anchored_row_chunks(p, channels, inner):
+        v = torch.addcmul(shift, v, scale, out=v)
+        out_rows[chunk] = v.addcmul_(rows[chunk].float(), grad_scale)
+    return _restore(out, p.shape, p.perm)
+
+
+def _grad_for(p: Packed, grad: torch.Tensor, where: str, backend: str | None) -> tuple[torch.Tensor, int, int]:
+    """``grad`` as a flat tensor in ``p``'s memory order (copied only if laid out otherwise), and the
+    copy's (channels, inner) decomposition of that order."""
+    _check_backend(backend)
+    if p.layout != "anchored":
+        raise InputError(f"{where}: needs the anchored layout (per-channel grid), not {p.layout!r}")
+    if not isinstance(grad, torch.Tensor) or grad.shape != p.shape or not grad.is_floating_point():
+        got = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
+        raise InputError(f"{where}: grad must be a floating-point tensor of shape {tuple(p.shape)}, got {got}")
+    ordered = grad.permute(p.perm)
+    flat = ordered.reshape(-1) if ordered.is_contiguous() else ordered.contiguous().view(-1)
+    return flat, p.shape[p.channel_dim], _inner(p.shape, p.perm, p.channel_dim)
 
 
 def triton_available() -> bool:
@@ -542,7 +627,7 @@ def _group_unpack_torch(p: Packed, numel: int) -> torch.Tensor:
     groups = p.scales.shape[0]
     code = _unpack_bits(p.codes, p.bits, groups * p.group_size).view(groups, p.group_size)
     base, step = p.scales[:, 0:1], p.scales[:, 1:2]
-    value = base + code.to(torch.float32) * step
+    value = code.to(torch.float32).mul_(step).add_(base)  # base + code * step, in the output buffer
     if _may_have_specials(p.flags):
         value = _decode_specials(value, code.to(torch.int32), _top_code(p.flags.bool(), p.bits)[:, None])
     return value.view(-1)[:numel].to(p.dtype)
@@ -606,20 +691,43 @@ def _anchored_unpack_torch(p: Packed, numel: int, channels: int, inner: int) -> 
     """The rebuilt values in memory order, float32, computed in place in one float buffer."""
     if numel == 0:
         return p.codes.new_zeros(0, dtype=torch.float32)
-    n = 1 << p.bits
-    step, shift = p.grid[:, 0].view(1, channels, 1), p.grid[:, 2].view(1, channels, 1)
-    code = _unpack_bits(p.codes, p.bits, numel).view(-1, channels, inner)
-    specials = _may_have_specials(p.flags)
+    return _anchored_decode_torch(p.codes, p.flags, p.grid, p.bits, numel, channels, inner).view(-1)
+
+
+def _anchored_row_chunks(p: Packed, channels: int, inner: int):
+    """Yield ``(rows, v)``: ``v`` the float32 values of ``rows`` (a slice of the copy's memory order
+    seen as (rows, channels, inner)), about TORCH_CHUNK elements at a time. A chunk starts on a
+    FLAG_BLOCK boundary so that its codes and flags are slices; where no row count allows that, the
+    whole copy is one chunk."""
+    row = channels * inner
+    total = p.numel // row if row else 0
+    aligned = FLAG_BLOCK // math.gcd(row, FLAG_BLOCK)  # rows per FLAG_BLOCK-aligned step
+    step = aligned * max(1, TORCH_CHUNK // (aligned * row)) if aligned < total else total
+    for first in range(0, total, max(step, 1)):
+        last = min(first + step, total)
+        start, stop = first * row, last * row
+        codes = p.codes[start * p.bits // 8 : -(-stop * p.bits // 8)]
+        flags = p.flags[start // FLAG_BLOCK : -(-stop // FLAG_BLOCK)]
+        yield slice(first, last), _anchored_decode_torch(codes, flags, p.grid, p.bits, stop - start, channels, inner)
+
+
+def _anchored_decode_torch(codes, flags, grid, bits: int, numel: int, channels: int, inner: int) -> torch.Tensor:
+    """Values of ``numel`` elements from codes and flags starting on a FLAG_BLOCK boundary, as
+    (rows, channels, inner) float32."""
+    n = 1 << bits
+    step, shift = grid[:, 0].view(1, channels, 1), grid[:, 2].view(1, channels, 1)
+    code = _unpack_bits(codes, bits, numel).view(-1, channels, inner)
+    specials = _may_have_specials(flags)
     # ((code - shift) + 0.5) * step as the kernel computes it: the terms are exact integers until the
     # multiply, so subtracting the flagged blocks' shift correction separately changes no bit.
     value = code.to(torch.float32).sub_(shift)
     if specials:
-        flagged = _per_element(p.flags.bool(), numel).view_as(code)
-        flagged_shift, _, _ = _anchored_flagged_grid(torch.ones_like(shift, dtype=torch.bool), shift, p.bits)
+        flagged = _per_element(flags.bool(), numel).view_as(code)
+        flagged_shift, _, _ = _anchored_flagged_grid(torch.ones_like(shift, dtype=torch.bool), shift, bits)
         value.addcmul_(flagged, flagged_shift - shift, value=-1)
     value.add_(0.5).mul_(step)
     if specials:
         value.masked_fill_(flagged & (code == 0), -math.inf)
         value.masked_fill_(flagged & (code == n - 2), math.nan)
         value.masked_fill_(flagged & (code == n - 1), math.inf)
-    return value.view(-1)
+    return value

@@ -18,6 +18,8 @@ are ``call_function`` nodes that return their first argument unchanged (see :dat
   the layer that autograd saves (norm input, pre-activation, activation output, the next op's
   input) is handed a reference to that copy and rebuilt from it in backward with exact per-channel
   floats, so PyTorch's own backward formulas run unchanged. The ReLU sign is exact because 0 is a bin boundary.
+  A BatchNorm's own backward is replaced (:class:`_BatchNormFromCopy`, papers.md 1.5 step 7): it
+  reads the copy directly, two passes without a full-size rebuild of the norm input.
 - :func:`pool_input` (before a max-pool) and :func:`pool_output` (after it) bracket the op that
   saves int64 indices into one input plane: they are kept, exactly, in the narrowest integer type
   that holds the plane's element count (uint8, int16 or int32), a quarter or less of their bytes.
@@ -51,6 +53,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
@@ -59,6 +62,8 @@ from graphpass.quantize import (
     Activation,
     Packed,
     apply_epilogue,
+    channel_sums,
+    fused_norm_grad,
     pack_anchored,
     pack_groups,
     pack_mask,
@@ -209,7 +214,7 @@ def quantize_layer(
     normalization are rebuilt from ``proxy = (proxy_weight, proxy_bias, proxy_eps, num_points)``."""
     session = state.session
     if session is not None:
-        session.quantize_layer(
+        return session.quantize_layer(
             layer, y, weight, bias, bits=bits, norm=norm,
             activation=Activation(activation, negative_slope, approximate), proxy=proxy,
         )  # fmt: skip
@@ -342,6 +347,7 @@ class _Layer:
         self.post_scale: torch.Tensor | None = None  # Proxy Norm: activation -> (act - mu~) * inv_std~
         self.post_shift: torch.Tensor | None = None
         self.fallback: dict[str, Any] = {}  # role -> generic handle, when layer mode did not apply
+        self.norm_floats: tuple[torch.Tensor, ...] = ()  # BatchNorm: float32 (gamma, beta, mean, rstd)
         self.cache: tuple[str, torch.Tensor] | None = None  # the last rebuilt non-input role
 
     def rebuild(self, role: str, dtype: torch.dtype) -> torch.Tensor:
@@ -363,6 +369,43 @@ class _Layer:
         if role != "input":
             self.cache = (role, out)
         return out
+
+    def norm_backward(self, grad: torch.Tensor, need_input_grad: bool, input_dtype: torch.dtype):
+        """BatchNorm backward from the stored copy: (input grad, sum(grad * x_hat), sum(grad)).
+
+        With ``x_hat = v * a + b`` per channel (``v`` the stored values): the standard formula
+        ``gamma * rstd * (grad - mean(grad) - x_hat * mean(grad * x_hat))``, rearranged as
+        ``grad_scale * grad + v * scale + shift`` so that one pass over the copy computes it.
+        """
+        self.cache = None  # the activation output's backward ran before this one: nothing reads it again
+        gamma, beta, mean, rstd = self.norm_floats
+        if self.stored_role == "output":  # v = y = gamma * x_hat + beta
+            a = torch.where(gamma.abs() > _TINY_GAMMA, 1.0 / gamma, torch.zeros_like(gamma))
+            center = beta
+        else:  # v = x, x_hat = (x - mean) * rstd
+            a, center = rstd, mean
+        b = -center * a  # x_hat = v * a + b = (v - center) * a
+        stored = self.stored
+        if isinstance(stored, Packed):
+            sum_g, sum_gv = channel_sums(stored, grad, center)
+        else:
+            dims = [0, *range(2, grad.dim())]
+            g32 = grad.float()
+            sum_g, sum_gv = g32.sum(dims), (g32 * (stored.float() - _channel(center, g32))).sum(dims)
+        sum_gx = sum_gv * a
+        if not need_input_grad:
+            return None, sum_gx, sum_g
+        count = grad.numel() // grad.shape[1]
+        grad_scale = gamma * rstd
+        scale = grad_scale * a * sum_gx * (-1.0 / count)
+        shift = grad_scale * (sum_g + b * sum_gx) * (-1.0 / count)
+        if isinstance(stored, Packed):
+            grad_x = fused_norm_grad(stored, grad, scale=scale, shift=shift, grad_scale=grad_scale, dtype=input_dtype)
+        else:
+            g32 = grad.float()
+            grad_x = (stored.float() * _channel(scale, g32) + _channel(shift, g32) + g32 * _channel(grad_scale, g32))
+            grad_x = grad_x.to(input_dtype)
+        return grad_x, sum_gx, sum_g
 
     def _epilogue(self, role: str) -> dict[str, Any]:
         """How ``role`` follows from the stored tensor: activation(stored) * scale + shift."""
@@ -410,6 +453,46 @@ def _per_sample_channel(stat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _channel(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return t.reshape((1, -1) + (1,) * (y.dim() - 2))
+
+
+def _keeps_graph() -> bool:
+    """Whether the running backward was called with retain_graph=True (False where torch cannot tell)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return bool(keep_graph()) if keep_graph is not None else False
+
+
+class _BatchNormFromCopy(torch.autograd.Function):
+    """Stands in for a training-mode BatchNorm's autograd node once its layer holds a copy.
+
+    Forward returns the norm's output (already computed, exactly as the model computes it) as a
+    new tensor whose backward is :meth:`_Layer.norm_backward`; the original node, with what it
+    saved, is dropped. Inputs: ``(y detached, x, weight, bias, layer)``.
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, weight, bias, layer):
+        ctx.layer, ctx.input_dtype = layer, x.dtype
+        ctx.param_dtypes = tuple(p.dtype if p is not None else None for p in (weight, bias))
+        return y.detach()  # an alias, not a view: the activation after it may run in place
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        layer = ctx.layer
+        if layer is None:
+            raise RuntimeError(
+                "graphpass: a second backward through a compressed BatchNorm layer; this torch cannot tell "
+                "that the first one used retain_graph=True, so the layer's copy was already freed"
+            )
+        # Autograd frees what a node saved once its backward ran; an attribute of ctx it does not:
+        # drop the layer (its copy) here, unless the graph is kept for another backward.
+        if not _keeps_graph():
+            ctx.layer = None
+        grad_x, grad_weight, grad_bias = layer.norm_backward(grad, ctx.needs_input_grad[1], ctx.input_dtype)
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        grad_weight = grad_weight.to(weight_dtype) if ctx.needs_input_grad[2] else None
+        grad_bias = grad_bias.to(bias_dtype) if ctx.needs_input_grad[3] else None
+        return None, grad_x, grad_weight, grad_bias, None
 
 
 # ----------------------------------------------------------------------------- the session
@@ -463,29 +546,35 @@ class _Session:
         self, index: int, y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
         *, bits: int, norm: str, activation: Activation, proxy: tuple | None = None,
     ) -> None:  # fmt: skip
+        """Make layer ``index``'s copy; return the tensor the graph continues with (``y``, or for a
+        BatchNorm, ``y`` under a :class:`_BatchNormFromCopy` node)."""
         layer = self.layers.get(index)
         if layer is None or layer.input is None:
-            return
+            return y
         stats = _norm_statistics(y, norm) if layer.input.shape == y.shape else None
         x, layer.input = layer.input, None
         if stats is None:
             log.debug("layer %d: norm statistics unavailable; its tensors are stored per tensor", index)
             self._fall_back(layer, x)
-            return
+            return y
         with torch.no_grad():
             self._fill_layer(layer, x, y, weight, bias, stats, bits=bits, norm=norm, activation=activation, proxy=proxy)
         if norm == "proxy_norm":  # y is already the activation output
             self._register(y, _LayerRef(layer, "activation", y.dtype))
-            return
+            return y
+        if norm == "batch_norm":
+            y = _BatchNormFromCopy.apply(y.detach(), x, weight, bias, layer)
         self._register(y, _LayerRef(layer, "output", y.dtype))
         if activation.name != "none":
             self.awaiting[y.grad_fn] = layer
+        return y
 
     def _fill_layer(self, layer, x, y, weight, bias, stats, *, bits, norm, activation, proxy) -> None:
         mean, rstd = stats
         gamma, beta = _affine_params(weight, bias, y.shape[1], y)
         layer.activation = activation
         if norm == "batch_norm":
+            layer.norm_floats = (gamma, beta, mean, rstd)
             mean_b, rstd_b = _channel(mean, y), _channel(rstd, y)
         else:
             mean_b, rstd_b = _per_sample_channel(mean, y), _per_sample_channel(rstd, y)

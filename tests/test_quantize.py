@@ -8,11 +8,14 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import graphpass.quantize as quantize_module
 from graphpass.errors import InputError
 from graphpass.quantize import (
     FLAG_BLOCK,
     Activation,
     anchored_grid,
+    channel_sums,
+    fused_norm_grad,
     pack_anchored,
     pack_groups,
     pack_mask,
@@ -332,6 +335,70 @@ def test_epilogue_equals_unpack_then_ops(layout, activation):
             _assert_same_values(got, _unpack_then_ops(p, channel_dim, act, t, dtype))
 
 
+def _norm_backward_reference(p, channel_dim, grad, center, tables):
+    """channel_sums and fused_norm_grad computed from a full unpack, in float64."""
+    v = unpack(p, backend="torch").double()
+    dims = [d for d in range(v.dim()) if d != channel_dim]
+    view = [1] * v.dim()
+    view[channel_dim] = -1
+    g = grad.double()
+    sums = g.sum(dims), (g * (v - center.double().view(view))).sum(dims)
+    scale, shift, grad_scale = (t.double().view(view) for t in tables)
+    return sums, v * scale + shift + g * grad_scale
+
+
+def _norm_backward_case(layout, device="cpu"):
+    if layout == "rows_of_a_flag_block":  # (sample, channel, plane) rows of FLAG_BLOCK elements: chunks of rows
+        v = torch.randn(8, 4, 16, 16, device=device)
+        v.view(-1)[[3 * FLAG_BLOCK + 5, 5 * FLAG_BLOCK + 7]] = v.new_tensor([math.nan, -math.inf])
+        mean, std = _channel_stats(v.nan_to_num(0, 0, 0))
+        p, channel_dim = pack_anchored(v, 4, mean=mean, std=std), 1
+    else:
+        p, channel_dim, _ = _epilogue_case(layout, device)
+    c = p.shape[channel_dim]
+    grad = torch.randn(p.shape, device=device)
+    tables = [torch.randn(c, device=device) for _ in range(3)]
+    return p, channel_dim, grad, torch.randn(c, device=device), tables
+
+
+def _check_norm_backward(p, channel_dim, grad, center, tables, backend):
+    (ref_g, ref_gv), ref_out = _norm_backward_reference(p, channel_dim, grad, center, tables)
+    sum_g, sum_gv = channel_sums(p, grad, center, backend=backend)
+    assert sum_g.dtype == sum_gv.dtype == torch.float32
+    torch.testing.assert_close(sum_g.double().cpu(), ref_g.cpu(), rtol=1e-5, atol=1e-4, equal_nan=True)
+    torch.testing.assert_close(sum_gv.double().cpu(), ref_gv.cpu(), rtol=1e-5, atol=1e-4, equal_nan=True)
+    out = fused_norm_grad(p, grad, scale=tables[0], shift=tables[1], grad_scale=tables[2], backend=backend)
+    assert out.shape == p.shape and out.dtype == grad.dtype
+    assert out.stride() == unpack(p, backend="torch").stride()  # the copy's memory layout
+    torch.testing.assert_close(out.double().cpu(), ref_out.cpu(), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", [*EPILOGUE_LAYOUTS, "rows_of_a_flag_block"])
+@pytest.mark.parametrize("chunk", [FLAG_BLOCK, 2**17])
+def test_norm_backward_from_the_copy_equals_a_full_unpack(layout, chunk, monkeypatch):
+    """PyTorch path, in chunks of the copy (NaN/Inf in the first block included) and in one piece."""
+    monkeypatch.setattr(quantize_module, "TORCH_CHUNK", chunk)
+    _check_norm_backward(*_norm_backward_case(layout), backend="torch")
+
+
+def test_norm_backward_reads_a_grad_in_another_layout():
+    p, channel_dim, grad, center, tables = _norm_backward_case("channels_last")
+    _check_norm_backward(p, channel_dim, grad.contiguous(), center, tables, backend="torch")
+
+
+def test_norm_backward_bad_arguments_are_clear_errors():
+    v = torch.randn(2, 3, 4)
+    p = pack_anchored(v, 4, mean=torch.zeros(3), std=torch.ones(3))
+    with pytest.raises(InputError, match="anchored layout"):
+        channel_sums(pack_groups(v, 4), v, torch.zeros(3))
+    with pytest.raises(InputError, match="shape"):
+        channel_sums(p, torch.randn(2, 3, 5), torch.zeros(3))
+    with pytest.raises(InputError, match="center must have 3"):
+        channel_sums(p, v, torch.zeros(4))
+    with pytest.raises(InputError, match="3 elements"):
+        fused_norm_grad(p, v, scale=torch.ones(3), shift=torch.ones(3), grad_scale=torch.ones(2))
+
+
 def test_epilogue_bad_arguments_are_clear_errors():
     v = torch.randn(2, 3, 4)
     p = pack_anchored(v, 4, mean=torch.zeros(3), std=torch.ones(3))
@@ -471,6 +538,12 @@ def test_triton_epilogue_matches_pytorch(layout, activation):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("layout", [*EPILOGUE_LAYOUTS, "rows_of_a_flag_block"])
+def test_triton_norm_backward_matches_a_full_unpack(layout):
+    _check_norm_backward(*_norm_backward_case(layout), backend="triton")
+
+
+@needs_interpreter
 @pytest.mark.parametrize("shape", [(13,), (2, 3, 50, 9)])
 def test_triton_mask_kernels_match_pytorch(shape):
     m = torch.rand(shape) > 0.5
@@ -530,6 +603,13 @@ def test_cuda_uses_triton_and_keeps_the_guarantees(bits):
         torch.testing.assert_close(unpack(g).cpu(), unpack(ref, backend="torch").cpu(), rtol=1e-6, atol=1e-6, equal_nan=True)
     m = plain > 0
     assert torch.equal(unpack(pack_mask(m)), m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", [*EPILOGUE_LAYOUTS, "rows_of_a_flag_block"])
+def test_cuda_norm_backward_matches_a_full_unpack(layout):
+    """Compiled kernels: the channel sums and the fused input gradient."""
+    _check_norm_backward(*_norm_backward_case(layout, device="cuda"), backend=None)
 
 
 @pytest.mark.gpu
