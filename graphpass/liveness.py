@@ -15,7 +15,8 @@ allocates the tensor (inclusive), ``end`` one past the last step that reads it (
   the backward step of the node that saved them.
 - what backward rebuilds from a compressed copy (kind "unpacked"): the full-size tensor, during
   the backward step of each node that saved it (autograd unpacks when the node runs). Not for a
-  BatchNorm whose layer holds a copy: its backward reads the copy directly.
+  BatchNorm whose layer holds a copy: its backward reads the copy directly; a large convolution
+  before a norm rebuilds one batch chunk at a time (``runtime.conv_rebuild_bytes``).
 - the gradient of a node's output: from the backward step of its first consumer in backward
   order (the first backward step for graph outputs, where the loss's gradient arrives) to one
   past the node's own backward step, which consumes it. Views and tuple items pass their
@@ -33,7 +34,7 @@ import torch.fx
 
 from graphpass.memory_plan import PlannedTensor
 from graphpass.meta import META_QUANT, set_meta
-from graphpass.runtime import is_compression_node, quantize_layer
+from graphpass.runtime import conv_rebuild_bytes, is_compression_node, layer_input, quantize_layer
 from graphpass.saved_tensors import SavedTensors
 
 __all__ = ["META_LIVE", "LiveRange", "Liveness", "compute_liveness"]
@@ -133,9 +134,12 @@ def compute_liveness(gm: torch.fx.GraphModule, saved: SavedTensors) -> Liveness:
         if is_compression_node(n):
             continue  # its record is the copy it made, not a save that its (identity) backward reads
         reads_copy = _batch_norm_of_layer(n)
+        in_chunks = any(u.target is layer_input and u.kwargs.get("conv") and u.args[0] is n for u in n.users)
         for s in records[n.name].saved:
             if s.kind == "compressed" and not (reads_copy and s.fmt.endswith("-layer")):
                 nbytes = math.prod(s.shape) * s.dtype.itemsize
+                if in_chunks:
+                    nbytes = conv_rebuild_bytes(s.shape, s.dtype.itemsize, s.fmt)
                 step = bwd[n.name]
                 tensors.append(
                     PlannedTensor(unique(f"{n.name}:unpacked"), n.name, module_of[n.name], "unpacked", nbytes, step, step + 1, None)

@@ -96,6 +96,34 @@ class Packed:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def row_step(self) -> int:
+        """Smallest number of leading-dimension rows whose codes start on a whole group (group),
+        flag block (anchored) or byte (mask): :meth:`rows` slices at multiples of it; 0 when the
+        leading dimension is not outermost in memory."""
+        if not self.shape or self.perm[0] != 0:
+            return 0
+        unit = self.group_size if self.layout != "mask" else 8
+        return unit // math.gcd(self.numel // max(self.shape[0], 1), unit)
+
+    def rows(self, start: int, stop: int) -> "Packed":
+        """The copy of ``original[start:stop]`` (leading dimension), sharing these codes; ``start``
+        is a multiple of :attr:`row_step`."""
+        step = self.row_step
+        if not step or start % step or not 0 <= start <= stop <= self.shape[0]:
+            raise InputError(f"Packed.rows({start}, {stop}): rows start at multiples of {step} within {self.shape[0]}")
+        row = self.numel // self.shape[0]
+        first, last = start * row, stop * row
+        unit = self.group_size if self.layout != "mask" else 8
+        per_unit = slice(first // unit, -(-last // unit))
+        return Packed(
+            self.layout, self.bits, torch.Size((stop - start, *self.shape[1:])), self.dtype,
+            self.codes[first * self.bits // 8 : -(-last * self.bits // 8)], self.perm,
+            scales=self.scales[per_unit] if self.scales is not None else None, grid=self.grid,
+            flags=self.flags[per_unit] if self.flags is not None else None,
+            group_size=self.group_size, channel_dim=self.channel_dim,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Activation:

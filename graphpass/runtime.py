@@ -19,7 +19,9 @@ are ``call_function`` nodes that return their first argument unchanged (see :dat
   input) is handed a reference to that copy and rebuilt from it in backward with exact per-channel
   floats, so PyTorch's own backward formulas run unchanged. The ReLU sign is exact because 0 is a bin boundary.
   A BatchNorm's own backward is replaced (:class:`_BatchNormFromCopy`, papers.md 1.5 step 7): it
-  reads the copy directly, two passes without a full-size rebuild of the norm input.
+  reads the copy directly, two passes without a full-size rebuild of the norm input. A large
+  convolution right before the norm (its input over ``2 * CONV_CHUNK_BYTES``) gets its backward
+  replaced too (:class:`_ConvFromCopy`, steps 1-2): batch chunks, each rebuilding only its rows.
 - :func:`pool_input` (before a max-pool) and :func:`pool_output` (after it) bracket the op that
   saves int64 indices into one input plane: they are kept, exactly, in the narrowest integer type
   that holds the plane's element count (uint8, int16 or int32), a quarter or less of their bytes.
@@ -59,6 +61,7 @@ from torch.utils._pytree import tree_leaves
 
 from graphpass.quantize import (
     DEFAULT_GROUP_SIZE,
+    FLAG_BLOCK,
     Activation,
     Packed,
     apply_epilogue,
@@ -187,10 +190,25 @@ def compress_saved_end(out: Any, state: CompressionState) -> Any:
     return out
 
 
-def layer_input(x: torch.Tensor, state: CompressionState, *, layer: int) -> torch.Tensor:
-    """Mark ``x`` as the input of layer ``layer``'s norm: what the norm saves of it shares the layer copy."""
+def layer_input(
+    x: torch.Tensor,
+    state: CompressionState,
+    conv_input: torch.Tensor | None = None,
+    conv_weight: torch.Tensor | None = None,
+    conv_bias: torch.Tensor | None = None,
+    *,
+    layer: int,
+    conv: tuple | None = None,
+) -> torch.Tensor:
+    """Mark ``x`` as the input of layer ``layer``'s norm: what the norm saves of it shares the layer copy.
+
+    When ``x`` is a convolution's output (``conv`` = (stride, padding, dilation, groups) of the
+    convolution of ``conv_input`` by ``conv_weight``, ``conv_bias``) whose input is large, the
+    convolution's backward is taken over: it runs in batch chunks (:class:`_ConvFromCopy`)."""
     session = state.session
     if session is not None and isinstance(x, torch.Tensor):
+        if conv is not None and isinstance(conv_input, torch.Tensor):
+            x = session.take_over_conv(x, conv_input, conv_weight, conv_bias, conv)
         session.open_layer(layer, x)
     return x
 
@@ -320,6 +338,56 @@ class _LayerRef:
         return self.layer.rebuild(self.role, self.dtype)
 
 
+def _row_step(handle: Any) -> int:
+    """Rows (leading dimension) at whose multiples ``handle`` can be rebuilt in part; 0: only whole."""
+    if isinstance(handle, torch.Tensor):
+        return 1
+    if isinstance(handle, _Quantized):
+        return handle.packed.row_step
+    if isinstance(handle, _LayerRef):
+        layer = handle.layer
+        if handle.role in layer.fallback:
+            return _row_step(layer.fallback[handle.role])
+        return layer.stored.row_step if isinstance(layer.stored, Packed) else 1
+    return 0
+
+
+def _rebuild_rows(handle: Any, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of what ``handle`` stands for (``start`` a multiple of its row step)."""
+    if isinstance(handle, torch.Tensor):
+        return handle[start:stop]
+    with torch.no_grad():
+        if isinstance(handle, _Quantized):
+            return unpack(handle.packed.rows(start, stop))
+        layer = handle.layer
+        if handle.role in layer.fallback:
+            return _rebuild_rows(layer.fallback[handle.role], start, stop)
+        return layer.rebuild(handle.role, handle.dtype, rows=(start, stop))
+
+
+CONV_CHUNK_BYTES = 64 * 2**20  # a convolution backward rebuilds its input in batch chunks of about this
+
+
+def conv_chunk_rows(rows: int, row_bytes: int, row_step: int) -> int:
+    """Rows per chunk of a convolution backward whose input has ``rows`` rows of ``row_bytes``
+    (rebuildable at multiples of ``row_step``); 0: in one piece (up to two chunks' worth: chunks
+    cost host time, which the step is short of; or no row can be cut)."""
+    if rows * row_bytes <= 2 * CONV_CHUNK_BYTES or row_step <= 0:
+        return 0
+    per_chunk = max(row_step, CONV_CHUNK_BYTES // row_bytes // row_step * row_step)
+    return per_chunk if per_chunk < rows else 0
+
+
+def conv_rebuild_bytes(shape: tuple[int, ...], itemsize: int, fmt: str) -> int:
+    """Bytes a taken-over convolution backward rebuilds at a time from an input copy of format ``fmt``
+    (as the save recorder names it): what :class:`_ConvFromCopy` does, for the memory plan."""
+    rows = shape[0] if shape else 1
+    row_elements = math.prod(shape[1:])
+    unit = FLAG_BLOCK if fmt.endswith("-layer") and fmt != "exact-layer" else DEFAULT_GROUP_SIZE if fmt.endswith("-group") else 1
+    per_chunk = conv_chunk_rows(rows, row_elements * itemsize, unit // math.gcd(row_elements, unit) if row_elements else 0)
+    return (per_chunk or rows) * row_elements * itemsize
+
+
 def _unpack(handle: Any) -> torch.Tensor:
     if isinstance(handle, torch.Tensor):
         return handle
@@ -350,9 +418,16 @@ class _Layer:
         self.norm_floats: tuple[torch.Tensor, ...] = ()  # BatchNorm: float32 (gamma, beta, mean, rstd)
         self.cache: tuple[str, torch.Tensor] | None = None  # the last rebuilt non-input role
 
-    def rebuild(self, role: str, dtype: torch.dtype) -> torch.Tensor:
+    def rebuild(self, role: str, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor of ``role``, or its leading-dimension ``rows`` (start, stop): those are not cached."""
         if self.input is not None and role == "input":  # read during quantize_layer, before packing
-            return self.input
+            return self.input if rows is None else self.input[rows[0] : rows[1]]
+        if rows is not None:
+            epilogue = {k: _row_table(v, rows) for k, v in self._epilogue(role).items()}
+            if isinstance(self.stored, Packed):
+                return unpack(self.stored.rows(*rows), dtype=dtype, **epilogue)
+            v = self.stored[rows[0] : rows[1]].to(torch.float32, copy=True)  # the epilogue runs in place
+            return apply_epilogue(v, **epilogue, inplace=True).to(dtype)
         if role in self.fallback:
             return _unpack(self.fallback[role])
         if self.cache is not None and self.cache[0] == role and self.cache[1].dtype == dtype:
@@ -414,6 +489,13 @@ class _Layer:
         if role == self.other_role:
             return {"scale": self.scale, "shift": self.shift}
         return {}
+
+
+def _row_table(table: Any, rows: tuple[int, int]) -> Any:
+    """A per-sample epilogue table (N, C, 1, ...) cut to ``rows``; per-channel ones stay whole."""
+    if isinstance(table, torch.Tensor) and table.dim() > 1 and table.shape[0] > 1:
+        return table[rows[0] : rows[1]]
+    return table
 
 
 def _affine_params(weight: torch.Tensor | None, bias: torch.Tensor | None, channels: int, like: torch.Tensor):
@@ -495,6 +577,56 @@ class _BatchNormFromCopy(torch.autograd.Function):
         return None, grad_x, grad_weight, grad_bias, None
 
 
+class _ConvFromCopy(torch.autograd.Function):
+    """Stands in for a convolution's autograd node when its input is large (BLPA 1.5 steps 1-2);
+    only for a weight that needs its gradient (otherwise the convolution keeps no input).
+
+    Backward runs in batch chunks: each rebuilds its rows of the input from the copy autograd kept
+    (or slices the input kept as it is) for the weight gradient, and writes its rows of the input
+    gradient. So neither a full-size rebuilt input nor a full-batch convolution workspace (cuDNN's
+    layout transposes of gradient and input) is ever live. Inputs: ``(output detached, input,
+    weight, bias, handle, (stride, padding, dilation, groups), rows per chunk)``.
+    """
+
+    @staticmethod
+    def forward(ctx, out, inp, weight, bias, handle, params, rows):
+        ctx.handle, ctx.params, ctx.rows = handle, params, rows
+        ctx.input_geometry = (inp.shape, inp.stride(), inp.dtype)
+        ctx.weight = weight
+        return out.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        handle, weight = ctx.handle, ctx.weight
+        if handle is None:
+            raise RuntimeError(
+                "graphpass: a second backward through a taken-over convolution; this torch cannot tell "
+                "that the first one used retain_graph=True, so the input's copy was already freed"
+            )
+        if not _keeps_graph():
+            ctx.handle = ctx.weight = None
+        stride, padding, dilation, groups = ctx.params
+        shape, strides, dtype = ctx.input_geometry
+        need_input, need_bias = ctx.needs_input_grad[1], ctx.needs_input_grad[3]  # the weight's: always
+        grad_input = torch.empty_strided(shape, strides, dtype=dtype, device=grad.device) if need_input else None
+        grad_weight = None
+        for start in range(0, shape[0], ctx.rows):
+            stop = min(start + ctx.rows, shape[0])
+            rows = _rebuild_rows(handle, start, stop)
+            part_input, part_weight, _ = torch.ops.aten.convolution_backward(
+                grad[start:stop], rows, weight, None, stride, padding, dilation, False,
+                [0] * len(stride), groups, [need_input, True, False],
+            )  # fmt: skip
+            del rows
+            if need_input:
+                grad_input[start:stop].copy_(part_input)
+            grad_weight = part_weight if grad_weight is None else grad_weight.add_(part_weight)
+            del part_input, part_weight  # before the next chunk allocates its own
+        grad_bias = grad.sum([0, *range(2, grad.dim())]) if need_bias else None
+        return None, grad_input, grad_weight, grad_bias, None, None, None
+
+
 # ----------------------------------------------------------------------------- the session
 
 
@@ -535,6 +667,29 @@ class _Session:
         self.input_storages.clear()
 
     # -- layer mode
+
+    def take_over_conv(self, out, inp, weight, bias, params) -> torch.Tensor:
+        """``out`` under a :class:`_ConvFromCopy` node when its input is worth rebuilding in chunks."""
+        node = out.grad_fn
+        if node is None or type(node).__name__ != "ConvolutionBackward0" or out.dtype != inp.dtype:
+            return out  # no history, another kernel, or autocast (the node saved a cast copy of inp)
+        if inp.dim() < 2 or not inp.shape[0] or weight is None or weight.dtype != inp.dtype or not weight.requires_grad:
+            return out  # a frozen kernel's backward keeps no input: nothing to rebuild
+        handle = self._stored(inp)
+        rows = conv_chunk_rows(inp.shape[0], inp.numel() // inp.shape[0] * inp.element_size(), _row_step(handle))
+        if not rows:
+            return out
+        self.pack(inp)  # reports the save (of the convolution's copy: 0 bytes) to discovery
+        return _ConvFromCopy.apply(out.detach(), inp, weight, bias, handle, params, rows)
+
+    def _stored(self, t: torch.Tensor) -> Any:
+        """What autograd already keeps for ``t`` (a handle, or ``t`` itself), without storing anything."""
+        entry = self.entries.get(id(t))
+        if entry is not None and entry.ref() is t and entry.version == t._version and entry.values is not None:
+            return entry.values
+        if t.grad_fn is None and t.untyped_storage()._cdata in self.input_storages:
+            return t
+        return None
 
     def open_layer(self, index: int, x: torch.Tensor) -> None:
         layer = _Layer(index, x)

@@ -4,16 +4,19 @@ Before / after (``bits=4``)::
 
     conv1 = self.conv1(x)                     x = compress_saved(x, graphpass_compression, bits=4, rounding='nearest')
     bn1 = self.bn1(conv1)                     conv1 = self.conv1(x)
-    relu = self.relu(bn1)                     layer_input = layer_input(conv1, graphpass_compression, layer=0)
-    ...                                       bn1 = self.bn1(layer_input)
+    relu = self.relu(bn1)                     layer_input = layer_input(conv1, graphpass_compression, x, conv1_weight,
+    ...                                           None, layer=0, conv=((2, 2), (3, 3), (1, 1), 1))
+                                              bn1 = self.bn1(layer_input)
     return fc                                 quantize_layer = quantize_layer(bn1, graphpass_compression, bn1_weight,
                                                   bn1_bias, layer=0, bits=4, norm='batch_norm', activation='relu')
                                               relu = self.relu(quantize_layer)
                                               ...
                                               return compress_saved_end(fc, graphpass_compression)
 
-Every point returns its first argument, so the forward pass computes exactly what it computed
-before; what changes is what autograd keeps (graphpass/runtime.py): one anchored K-bit copy per
+A norm fed by an nn.Conv1d/2d/3d (zero padding given as numbers) gets the convolution's input,
+weight, bias and geometry at its ``layer_input``, so the runtime can run a large convolution's
+backward in batch chunks. Every point returns its first argument (as a value), so the forward pass
+computes exactly what it computed before; what changes is what autograd keeps (graphpass/runtime.py): one anchored K-bit copy per
 Conv -> Norm -> Act layer, and per-group K-bit copies, 1-bit masks or exact copies of everything
 else autograd saves between ``compress_saved`` and ``compress_saved_end``, except the graph's inputs,
 which the caller holds anyway and which are kept as they are.
@@ -163,8 +166,21 @@ def _max_pool_dims(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
     return 0 if returns_indices is not False else dims
 
 
+def _conv_of(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """(input node, weight node, bias node or None, (stride, padding, dilation, groups)) when ``node``
+    is an nn.Conv1d/2d/3d module call with zero padding given as numbers; else None."""
+    module = module_of(gm, node)
+    if type(module) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d) or module.padding_mode != "zeros":
+        return None
+    source = call_arg(node, 0, "input")
+    if not isinstance(source, torch.fx.Node) or isinstance(module.padding, str):
+        return None
+    params = (tuple(module.stride), tuple(module.padding), tuple(module.dilation), module.groups)
+    return source, _param_node(gm, node, "module", "weight"), _param_node(gm, node, "module", "bias"), params
+
+
 def _param_node(gm: torch.fx.GraphModule, norm: torch.fx.Node, value, name: str) -> torch.fx.Node | None:
-    """A get_attr node for the norm module's ``name`` parameter (None if it has none)."""
+    """A get_attr node for the (norm or conv) module's ``name`` parameter (None if it has none)."""
     if value != "module":
         return value if isinstance(value, torch.fx.Node) else None
     if getattr(gm.get_submodule(str(norm.target)), name, None) is None:
@@ -221,14 +237,21 @@ def insert_quantize_on_save(gm: torch.fx.GraphModule, *, bits: int, rounding: st
     first.replace_all_uses_with(begin, delete_user_cb=lambda user: user is not begin)
 
     activations: dict[str, int] = {}
+    convs = 0
     for index, (norm, (kind, source, weight, bias)) in enumerate(norms):
         weight_node = _param_node(gm, norm, weight, "weight")
         bias_node = _param_node(gm, norm, bias, "bias")
         # ProxyNormAct's activation is inside it.
         act = _proxy_norm_activation(gm, norm) if kind == "proxy_norm" else _activation_of(gm, norm)
+        args, kwargs = (source, state), {"layer": index}
+        conv = _conv_of(gm, source)
+        if conv is not None:  # the runtime may take over its backward (batch chunks from the copy)
+            conv_input, conv_weight, conv_bias, kwargs["conv"] = conv
+            args = (source, state, conv_input, conv_weight, conv_bias)
+            convs += 1
         with graph.inserting_before(norm):
             fmt = runtime.QuantFormat("layer_input", bits, "", rounding, index, kind, act["activation"])
-            mark = _add_point(graph, source, runtime.layer_input, (source, state), {"layer": index}, fmt, "layer_input")
+            mark = _add_point(graph, source, runtime.layer_input, args, kwargs, fmt, "layer_input")
         norm.replace_input_with(source, mark)
         with graph.inserting_after(norm):
             stored = "norm_input" if act["activation"] == "none" and kind != "proxy_norm" else "pre_activation"
@@ -261,6 +284,8 @@ def insert_quantize_on_save(gm: torch.fx.GraphModule, *, bits: int, rounding: st
         set_meta(end, META_QUANT, fmt)
     output.args = (end,)
     stats = {"layers": len(norms), **{f"layers_{k}": v for k, v in sorted(activations.items())}}
+    if convs:
+        stats["layers_after_conv"] = convs
     if pools:
         stats["max_pools"] = len(pools)
     log.info(

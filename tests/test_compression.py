@@ -94,7 +94,7 @@ def test_pass_is_idempotent_and_reports_stats():
     x = torch.randn(2, 3, 16, 16)
     gm = trace(SmallResNet(), (x,))
     first = insert_quantize_on_save(gm, bits=8)
-    assert first.modified and first.stats == {"layers": 3, "layers_none": 1, "layers_relu": 2}
+    assert first.modified and first.stats == {"layers": 3, "layers_after_conv": 3, "layers_none": 1, "layers_relu": 2}
     code = gm.code
     second = insert_quantize_on_save(gm, bits=8)
     assert not second.modified and second.stats == {}
@@ -633,3 +633,51 @@ def test_batch_norm_layer_copies_are_freed_by_backward_unless_the_graph_is_retai
     for name, p in gm.named_parameters():
         assert torch.equal(p.grad, first[name]), name
     assert len(layers) == 2 and all(ref() is None for ref in layers)  # the loss (and graph) still held
+
+
+@pytest.mark.parametrize("norm,act", [("bn", "relu"), ("bn", "none"), ("gn", "silu"), ("proxy", "relu")])
+def test_large_convolutions_run_their_backward_in_batch_chunks(norm, act, monkeypatch):
+    """With a chunk size below one sample, every convolution before a norm is taken over: its
+    backward rebuilds one row of its input at a time; gradients equal plain autograd (exact copies)
+    and the unchunked compressed path (4-bit copies). Above the size it must not fire."""
+    if norm == "proxy":
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), ProxyNormAct(8, 2, activation=act),
+            nn.Conv2d(8, 8, 3, padding=1), ProxyNormAct(8, 4, activation=act),
+        ).train()  # fmt: skip
+    else:
+        model = conv_norm_act(norm, act, False).train()
+    x = torch.randn(4, 3, 12, 12)
+    weights = torch.randn(4, 8, 12, 12)
+    loss = lambda out: (out * weights).sum()  # noqa: E731  (well conditioned: see above)
+    gm = transformed(model, x, bits=4)
+    taken_over = []
+    apply = runtime._ConvFromCopy.apply
+
+    def counting_apply(*args):
+        taken_over.append(args[-1])  # rows per chunk
+        return apply(*args)
+
+    monkeypatch.setattr(runtime._ConvFromCopy, "apply", counting_apply)
+    _, gin_q, g_q = step(gm, x, loss)  # default chunk size: these tensors are far below it
+    assert taken_over == []
+    monkeypatch.setattr(runtime, "CONV_CHUNK_BYTES", 1024)
+    _, gin_r, g_r = step(model, x, loss)
+    with runtime.quantization_disabled():
+        _, gin_c, g_c = step(gm, x, loss)
+    assert taken_over == [1, 1]  # both convolutions, one sample (1,728 and 4,608 bytes) per chunk
+    assert_same_gradients({"input": gin_c, **g_c}, {"input": gin_r, **g_r})
+    _, gin_k, g_k = step(gm, x, loss)
+    assert_same_gradients({"input": gin_k, **g_k}, {"input": gin_q, **g_q})
+
+
+def test_conv_chunk_rows_respect_size_and_row_step(monkeypatch):
+    mib = 2**20
+    monkeypatch.setattr(runtime, "CONV_CHUNK_BYTES", 128 * mib)
+    assert runtime.conv_chunk_rows(64, 2 * mib, 1) == 0  # 128 MiB in all: one piece
+    assert runtime.conv_chunk_rows(128, 3 * mib, 1) == 42
+    assert runtime.conv_chunk_rows(128, 3 * mib, 8) == 40  # cut at multiples of the row step
+    assert runtime.conv_chunk_rows(128, 3 * mib, 0) == 0  # no row can be cut
+    assert runtime.conv_chunk_rows(4, 300 * mib, 1) == 1
+    assert runtime.conv_rebuild_bytes((128, 256, 56, 56), 4, "q4-layer") == 41 * 256 * 56 * 56 * 4  # 3.06 MiB rows
+    assert runtime.conv_rebuild_bytes((2, 3, 5, 5), 4, "q4-group") == 2 * 3 * 5 * 5 * 4

@@ -143,3 +143,18 @@ def test_backward_rebuilds_each_compressed_copy_at_full_size_while_its_saver_run
         assert (t.start, t.end) == (live.steps.index(f"backward {node}"), live.steps.index(f"backward {node}") + 1)
     plain = compute_liveness(gp.trace(model), discover_saved_tensors(gp.trace(model), (x,)))
     assert not [t for t in plain.tensors if t.kind in ("compressed", "unpacked")]
+
+
+def test_a_large_convolution_before_a_norm_rebuilds_one_batch_chunk_at_a_time(monkeypatch):
+    """Its "unpacked" tensor is one chunk of rows of its input, as runtime.conv_rebuild_bytes says."""
+    from graphpass import runtime
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+    x = torch.randn(4, 3, 16, 16)
+    gm = gp.transform(model, (x,), bits=4)
+    monkeypatch.setattr(runtime, "CONV_CHUNK_BYTES", 4 * 8 * 16 * 16 * 4 // 8)  # an eighth of conv 2's input
+    live = compute_liveness(gm, discover_saved_tensors(gm, (x,)))
+    unpacked = {t.node: t.nbytes for t in live.tensors if t.kind == "unpacked"}
+    assert unpacked["_3"] == 8 * 16 * 16 * 4  # a chunk is half a sample: the smallest cut, one sample
+    assert unpacked["_2"] == 4 * 8 * 16 * 16 * 4  # the ReLU's own backward rebuilds all of it

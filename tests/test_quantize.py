@@ -619,3 +619,25 @@ def test_cuda_epilogue_matches_pytorch(activation):
     for layout in EPILOGUE_LAYOUTS:
         p, channel_dim, tables = _epilogue_case(layout, device="cuda")
         _epilogue_against_pytorch(p, channel_dim, EPILOGUE_ACTIVATIONS[activation], tables, None)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rows_of_a_copy_unpack_to_the_slices_of_the_whole(channels_last):
+    v = torch.randn(8, 4, 16, 16)  # a sample is 1,024 elements: every layout cuts at every row
+    if channels_last:
+        v = v.to(memory_format=torch.channels_last)
+    mean, std = _channel_stats(v)
+    for p in (pack_anchored(v, 4, mean=mean, std=std), pack_groups(v, 2), pack_mask(v > 0)):
+        whole = unpack(p)
+        assert p.row_step == 1
+        for start, stop in [(0, 3), (3, 8), (5, 5)]:
+            part = unpack(p.rows(start, stop))
+            assert torch.equal(part, whole[start:stop]) and part.stride()[1:] == whole.stride()[1:], (p.layout, start)
+    odd = pack_anchored(torch.randn(6, 3, 5, 7), 4, mean=torch.zeros(3), std=torch.ones(3))
+    assert odd.row_step == 1024  # 105 elements a sample: only whole flag blocks of 1,024 cut
+    with pytest.raises(InputError, match="multiples of 1024"):
+        odd.rows(1, 6)
+    inside = pack_groups(torch.randn(6, 4, 99).permute(1, 0, 2), 4)  # the sample is not outermost
+    assert inside.row_step == 0
+    with pytest.raises(InputError, match="rows"):
+        inside.rows(0, 2)
