@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         acc = accuracy(gm, data.test_batches())
         print(f"test accuracy {acc:.2f}% ({args.norm}, {args.bits}-bit, {world} ranks, {args.device})", flush=True)
+    # Tear down together: a rank that destroys its gloo group while rank 0 still evaluates can abort
+    # (SIGABRT at exit, seen once in a full test run on the 2-core CI machine).
+    dist.barrier()
     dist.destroy_process_group()
 
 
