@@ -635,11 +635,16 @@ def test_batch_norm_layer_copies_are_freed_by_backward_unless_the_graph_is_retai
     assert len(layers) == 2 and all(ref() is None for ref in layers)  # the loss (and graph) still held
 
 
-@pytest.mark.parametrize("norm,act", [("bn", "relu"), ("bn", "none"), ("gn", "silu"), ("proxy", "relu")])
-def test_large_convolutions_run_their_backward_in_batch_chunks(norm, act, monkeypatch):
+@pytest.mark.parametrize(
+    "norm,act,channels_last",
+    [("bn", "relu", False), ("bn", "relu", True), ("bn", "none", False), ("gn", "silu", False),
+     ("gn", "none", True), ("proxy", "relu", False)],
+)  # fmt: skip
+def test_large_convolutions_run_their_backward_in_batch_chunks(norm, act, channels_last, monkeypatch):
     """With a chunk size below one sample, every convolution before a norm is taken over: its
-    backward rebuilds one row of its input at a time; gradients equal plain autograd (exact copies)
-    and the unchunked compressed path (4-bit copies). Above the size it must not fire."""
+    backward rebuilds one row of its input at a time (GroupNorm without activation: its per-sample
+    tables cut too); gradients equal plain autograd (exact copies) and the unchunked compressed path
+    (4-bit copies). Above the size it must not fire."""
     if norm == "proxy":
         model = nn.Sequential(
             nn.Conv2d(3, 8, 3, padding=1), ProxyNormAct(8, 2, activation=act),
@@ -648,6 +653,8 @@ def test_large_convolutions_run_their_backward_in_batch_chunks(norm, act, monkey
     else:
         model = conv_norm_act(norm, act, False).train()
     x = torch.randn(4, 3, 12, 12)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     weights = torch.randn(4, 8, 12, 12)
     loss = lambda out: (out * weights).sum()  # noqa: E731  (well conditioned: see above)
     gm = transformed(model, x, bits=4)
