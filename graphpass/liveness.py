@@ -39,13 +39,6 @@ from graphpass.saved_tensors import SavedTensors
 
 __all__ = ["META_LIVE", "LiveRange", "Liveness", "compute_liveness"]
 
-
-def _batch_norm_of_layer(node: torch.fx.Node) -> bool:
-    """Whether ``node`` is the BatchNorm of a compressed layer (its output goes to quantize_layer)."""
-    return any(
-        u.target is quantize_layer and getattr(u.meta.get(META_QUANT), "norm", "") == "batch_norm" for u in node.users
-    )
-
 META_LIVE = "graphpass.live"  # LiveRange of the storage a node's first output lives in
 
 _STORAGE_KINDS = {
@@ -68,6 +61,13 @@ class Liveness:
     tensors: list[PlannedTensor]  # offsets unset (None)
     steps: list[str]
     num_forward_steps: int
+
+
+def _batch_norm_of_layer(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is the BatchNorm of a compressed layer (its output goes to quantize_layer)."""
+    return any(
+        u.target is quantize_layer and getattr(u.meta.get(META_QUANT), "norm", "") == "batch_norm" for u in node.users
+    )
 
 
 def compute_liveness(gm: torch.fx.GraphModule, saved: SavedTensors) -> Liveness:

@@ -50,6 +50,7 @@ __all__ = [
     "Activation",
     "apply_epilogue",
     "SUPPORTED_BITS",
+    "aligned_rows",
     "DEFAULT_GROUP_SIZE",
     "FLAG_BLOCK",
     "triton_available",
@@ -97,14 +98,18 @@ class Packed:
         return math.prod(self.shape)
 
     @property
+    def unit(self) -> int:
+        """Elements per group (group), flag block (anchored) or byte (mask): spans of the memory
+        order whose codes, scales and flags are slices start at multiples of it."""
+        return self.group_size if self.layout != "mask" else 8
+
+    @property
     def row_step(self) -> int:
-        """Smallest number of leading-dimension rows whose codes start on a whole group (group),
-        flag block (anchored) or byte (mask): :meth:`rows` slices at multiples of it; 0 when the
-        leading dimension is not outermost in memory."""
+        """Smallest number of leading-dimension rows that fill whole units (:attr:`unit`): :meth:`rows`
+        slices at multiples of it; 0 when the leading dimension is not outermost in memory."""
         if not self.shape or self.perm[0] != 0:
             return 0
-        unit = self.group_size if self.layout != "mask" else 8
-        return unit // math.gcd(self.numel // max(self.shape[0], 1), unit)
+        return aligned_rows(self.numel // max(self.shape[0], 1), self.unit)
 
     def rows(self, start: int, stop: int) -> "Packed":
         """The copy of ``original[start:stop]`` (leading dimension), sharing these codes; ``start``
@@ -113,16 +118,27 @@ class Packed:
         if not step or start % step or not 0 <= start <= stop <= self.shape[0]:
             raise InputError(f"Packed.rows({start}, {stop}): rows start at multiples of {step} within {self.shape[0]}")
         row = self.numel // self.shape[0]
-        first, last = start * row, stop * row
-        unit = self.group_size if self.layout != "mask" else 8
-        per_unit = slice(first // unit, -(-last // unit))
+        codes, scales, flags = self.span(start * row, stop * row)
         return Packed(
-            self.layout, self.bits, torch.Size((stop - start, *self.shape[1:])), self.dtype,
-            self.codes[first * self.bits // 8 : -(-last * self.bits // 8)], self.perm,
-            scales=self.scales[per_unit] if self.scales is not None else None, grid=self.grid,
-            flags=self.flags[per_unit] if self.flags is not None else None,
-            group_size=self.group_size, channel_dim=self.channel_dim,
+            self.layout, self.bits, torch.Size((stop - start, *self.shape[1:])), self.dtype, codes, self.perm,
+            scales=scales, grid=self.grid, flags=flags, group_size=self.group_size, channel_dim=self.channel_dim,
         )  # fmt: skip
+
+    def span(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(codes, scales, flags) of elements ``first:last`` of the memory order, as slices;
+        ``first`` is a multiple of :attr:`unit`."""
+        per_unit = slice(first // self.unit, -(-last // self.unit))
+        codes = self.codes[first * self.bits // 8 : -(-last * self.bits // 8)]
+        return (
+            codes,
+            self.scales[per_unit] if self.scales is not None else None,
+            self.flags[per_unit] if self.flags is not None else None,
+        )
+
+
+def aligned_rows(row_elements: int, unit: int) -> int:
+    """Fewest rows of ``row_elements`` elements that end on a multiple of ``unit`` elements."""
+    return unit // math.gcd(row_elements, unit)
 
 
 @dataclass(frozen=True)
@@ -729,13 +745,12 @@ def _anchored_row_chunks(p: Packed, channels: int, inner: int):
     whole copy is one chunk."""
     row = channels * inner
     total = p.numel // row if row else 0
-    aligned = FLAG_BLOCK // math.gcd(row, FLAG_BLOCK)  # rows per FLAG_BLOCK-aligned step
+    aligned = aligned_rows(row, p.unit)
     step = aligned * max(1, TORCH_CHUNK // (aligned * row)) if aligned < total else total
     for first in range(0, total, max(step, 1)):
         last = min(first + step, total)
         start, stop = first * row, last * row
-        codes = p.codes[start * p.bits // 8 : -(-stop * p.bits // 8)]
-        flags = p.flags[start // FLAG_BLOCK : -(-stop // FLAG_BLOCK)]
+        codes, _, flags = p.span(start, stop)
         yield slice(first, last), _anchored_decode_torch(codes, flags, p.grid, p.bits, stop - start, channels, inner)
 
 

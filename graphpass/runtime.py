@@ -64,6 +64,7 @@ from graphpass.quantize import (
     FLAG_BLOCK,
     Activation,
     Packed,
+    aligned_rows,
     apply_epilogue,
     channel_sums,
     fused_norm_grad,
@@ -384,7 +385,7 @@ def conv_rebuild_bytes(shape: tuple[int, ...], itemsize: int, fmt: str) -> int:
     rows = shape[0] if shape else 1
     row_elements = math.prod(shape[1:])
     unit = FLAG_BLOCK if fmt.endswith("-layer") and fmt != "exact-layer" else DEFAULT_GROUP_SIZE if fmt.endswith("-group") else 1
-    per_chunk = conv_chunk_rows(rows, row_elements * itemsize, unit // math.gcd(row_elements, unit) if row_elements else 0)
+    per_chunk = conv_chunk_rows(rows, row_elements * itemsize, aligned_rows(row_elements, unit) if row_elements else 0)
     return (per_chunk or rows) * row_elements * itemsize
 
 
@@ -415,7 +416,8 @@ class _Layer:
         self.post_scale: torch.Tensor | None = None  # Proxy Norm: activation -> (act - mu~) * inv_std~
         self.post_shift: torch.Tensor | None = None
         self.fallback: dict[str, Any] = {}  # role -> generic handle, when layer mode did not apply
-        self.norm_floats: tuple[torch.Tensor, ...] = ()  # BatchNorm: float32 (gamma, beta, mean, rstd)
+        # BatchNorm: float32 per-channel (gamma * rstd, a, center) with x_hat = (stored - center) * a
+        self.norm_floats: tuple[torch.Tensor, ...] = ()
         self.cache: tuple[str, torch.Tensor] | None = None  # the last rebuilt non-input role
 
     def rebuild(self, role: str, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -453,12 +455,7 @@ class _Layer:
         ``grad_scale * grad + v * scale + shift`` so that one pass over the copy computes it.
         """
         self.cache = None  # the activation output's backward ran before this one: nothing reads it again
-        gamma, beta, mean, rstd = self.norm_floats
-        if self.stored_role == "output":  # v = y = gamma * x_hat + beta
-            a = torch.where(gamma.abs() > _TINY_GAMMA, 1.0 / gamma, torch.zeros_like(gamma))
-            center = beta
-        else:  # v = x, x_hat = (x - mean) * rstd
-            a, center = rstd, mean
+        grad_scale, a, center = self.norm_floats
         b = -center * a  # x_hat = v * a + b = (v - center) * a
         stored = self.stored
         if isinstance(stored, Packed):
@@ -471,7 +468,6 @@ class _Layer:
         if not need_input_grad:
             return None, sum_gx, sum_g
         count = grad.numel() // grad.shape[1]
-        grad_scale = gamma * rstd
         scale = grad_scale * a * sum_gx * (-1.0 / count)
         shift = grad_scale * (sum_g + b * sum_gx) * (-1.0 / count)
         if isinstance(stored, Packed):
@@ -684,12 +680,10 @@ class _Session:
 
     def _stored(self, t: torch.Tensor) -> Any:
         """What autograd already keeps for ``t`` (a handle, or ``t`` itself), without storing anything."""
-        entry = self.entries.get(id(t))
-        if entry is not None and entry.ref() is t and entry.version == t._version and entry.values is not None:
+        entry = self._entry(t)
+        if entry is not None and entry.values is not None:
             return entry.values
-        if t.grad_fn is None and t.untyped_storage()._cdata in self.input_storages:
-            return t
-        return None
+        return t if self._is_graph_input(t) else None
 
     def open_layer(self, index: int, x: torch.Tensor) -> None:
         layer = _Layer(index, x)
@@ -700,7 +694,7 @@ class _Session:
     def quantize_layer(
         self, index: int, y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
         *, bits: int, norm: str, activation: Activation, proxy: tuple | None = None,
-    ) -> None:  # fmt: skip
+    ) -> torch.Tensor:  # fmt: skip
         """Make layer ``index``'s copy; return the tensor the graph continues with (``y``, or for a
         BatchNorm, ``y`` under a :class:`_BatchNormFromCopy` node)."""
         layer = self.layers.get(index)
@@ -729,7 +723,6 @@ class _Session:
         gamma, beta = _affine_params(weight, bias, y.shape[1], y)
         layer.activation = activation
         if norm == "batch_norm":
-            layer.norm_floats = (gamma, beta, mean, rstd)
             mean_b, rstd_b = _channel(mean, y), _channel(rstd, y)
         else:
             mean_b, rstd_b = _per_sample_channel(mean, y), _per_sample_channel(rstd, y)
@@ -757,13 +750,17 @@ class _Session:
             layer.shift = mean_b - beta_b * layer.scale
             target = torch.addcmul(h_shift, x, h_scale) if norm == "proxy_norm" else y
             grid_mean, grid_std = beta, gamma.abs()  # BatchNorm makes these y's channel statistics
+            x_hat_map = (inv_gamma, beta)  # x_hat = (h - beta) / gamma
         else:
             # Store x (a zero-initialised gamma cannot lose it); y = (x - mean) * rstd * gamma + beta.
             layer.stored_role, layer.other_role = "input", "output"
             layer.scale, layer.shift = h_scale, h_shift
             target = x
             grid_mean, grid_std = mean, 1.0 / rstd
-        if norm != "batch_norm":
+            x_hat_map = (rstd, mean)  # x_hat = (x - mean) * rstd
+        if norm == "batch_norm":  # what its backward from the copy needs (_Layer.norm_backward)
+            layer.norm_floats = (h_scale.reshape(-1), *x_hat_map)
+        else:
             # Group statistics say little about single channels: measure them (one extra read).
             dims = [0, *range(2, target.dim())]
             var, grid_mean = torch.var_mean(target, dim=dims, correction=0)
@@ -796,20 +793,27 @@ class _Session:
         with torch.no_grad():
             return self._pack(t)
 
-    def _pack(self, t: torch.Tensor) -> Any:
+    def _entry(self, t: torch.Tensor) -> "_Entry | None":
+        """The entry of ``t`` as it is now (same object, same version), or None."""
         entry = self.entries.get(id(t))
-        if entry is not None and (entry.ref() is not t or entry.version != t._version):
-            entry = None
+        return entry if entry is not None and entry.ref() is t and entry.version == t._version else None
+
+    def _is_graph_input(self, t: torch.Tensor) -> bool:
+        """A graph input, or a history-less view of one: the caller holds it through the step."""
+        return t.grad_fn is None and t.untyped_storage()._cdata in self.input_storages
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        entry = self._entry(t)
         if entry is not None and entry.values is not None:
             values = entry.values
             record_pack(t, _nbytes(t), "full") if isinstance(values, torch.Tensor) else record_pack(t, 0, values.format)
             return values
         if self.index_bound is not None and t.dtype == torch.int64:
             return self._indices(t, self.index_bound)
-        node = t.grad_fn
-        if _keep_as_is(t) or (node is None and t.untyped_storage()._cdata in self.input_storages):
+        if _keep_as_is(t) or self._is_graph_input(t):
             record_pack(t, _nbytes(t), "full")
             return t
+        node = t.grad_fn
         if entry is None and node is not None and self.awaiting:
             ref = self._layer_role(t, node)
             if ref is not None:

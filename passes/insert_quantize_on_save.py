@@ -15,11 +15,12 @@ Before / after (``bits=4``)::
 
 A norm fed by an nn.Conv1d/2d/3d (zero padding given as numbers) gets the convolution's input,
 weight, bias and geometry at its ``layer_input``, so the runtime can run a large convolution's
-backward in batch chunks. Every point returns its first argument (as a value), so the forward pass
-computes exactly what it computed before; what changes is what autograd keeps (graphpass/runtime.py): one anchored K-bit copy per
-Conv -> Norm -> Act layer, and per-group K-bit copies, 1-bit masks or exact copies of everything
-else autograd saves between ``compress_saved`` and ``compress_saved_end``, except the graph's inputs,
-which the caller holds anyway and which are kept as they are.
+backward in batch chunks. Every point returns its first argument (as a value), so the forward
+pass computes exactly what it computed before; what changes is what autograd keeps
+(graphpass/runtime.py): one anchored K-bit copy per Conv -> Norm -> Act layer, and per-group K-bit
+copies, 1-bit masks or exact copies of everything else autograd saves between ``compress_saved``
+and ``compress_saved_end``, except the graph's inputs, which the caller holds anyway and which are
+kept as they are.
 
 Layers: a norm node (BatchNorm1d/2d/3d or SyncBatchNorm module, GroupNorm module, ScaledGroupNorm,
 ``F.batch_norm``, ``F.group_norm``; or a ProxyNormAct module, whose activation is inside it, stored as
@@ -179,15 +180,15 @@ def _conv_of(gm: torch.fx.GraphModule, node: torch.fx.Node):
     return source, _param_node(gm, node, "module", "weight"), _param_node(gm, node, "module", "bias"), params
 
 
-def _param_node(gm: torch.fx.GraphModule, norm: torch.fx.Node, value, name: str) -> torch.fx.Node | None:
-    """A get_attr node for the (norm or conv) module's ``name`` parameter (None if it has none)."""
+def _param_node(gm: torch.fx.GraphModule, user: torch.fx.Node, value, name: str) -> torch.fx.Node | None:
+    """A get_attr node for the ``name`` parameter of ``user``'s (norm or conv) module (None if it has none)."""
     if value != "module":
         return value if isinstance(value, torch.fx.Node) else None
-    if getattr(gm.get_submodule(str(norm.target)), name, None) is None:
+    if getattr(gm.get_submodule(str(user.target)), name, None) is None:
         return None
-    with gm.graph.inserting_before(norm):
-        node = gm.graph.get_attr(f"{norm.target}.{name}")
-    copy_meta(norm, node, from_pass=PASS_NAME)
+    with gm.graph.inserting_before(user):
+        node = gm.graph.get_attr(f"{user.target}.{name}")
+    copy_meta(user, node, from_pass=PASS_NAME)
     return node
 
 
