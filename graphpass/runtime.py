@@ -284,6 +284,13 @@ class _Quantized:
     def unpack(self) -> torch.Tensor:
         return unpack(self.packed)
 
+    @property
+    def row_step(self) -> int:
+        return self.packed.row_step
+
+    def unpack_rows(self, start: int, stop: int) -> torch.Tensor:
+        return unpack(self.packed.rows(start, stop))
+
 
 class _Mask:
     """``result > 0`` of a ReLU's own saved output: 1 bit, rebuilt as 0/1 in the original dtype."""
@@ -338,19 +345,18 @@ class _LayerRef:
     def unpack(self) -> torch.Tensor:
         return self.layer.rebuild(self.role, self.dtype)
 
+    @property
+    def row_step(self) -> int:
+        return self.layer.row_step(self.role)
+
+    def unpack_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.layer.rebuild(self.role, self.dtype, rows=(start, stop))
+
 
 def _row_step(handle: Any) -> int:
-    """Rows (leading dimension) at whose multiples ``handle`` can be rebuilt in part; 0: only whole."""
-    if isinstance(handle, torch.Tensor):
-        return 1
-    if isinstance(handle, _Quantized):
-        return handle.packed.row_step
-    if isinstance(handle, _LayerRef):
-        layer = handle.layer
-        if handle.role in layer.fallback:
-            return _row_step(layer.fallback[handle.role])
-        return layer.stored.row_step if isinstance(layer.stored, Packed) else 1
-    return 0
+    """Rows (leading dimension) at whose multiples ``handle`` can be rebuilt in part; 0: only whole
+    (handles that can define ``row_step`` and ``unpack_rows``)."""
+    return 1 if isinstance(handle, torch.Tensor) else getattr(handle, "row_step", 0)
 
 
 def _rebuild_rows(handle: Any, start: int, stop: int) -> torch.Tensor:
@@ -358,12 +364,7 @@ def _rebuild_rows(handle: Any, start: int, stop: int) -> torch.Tensor:
     if isinstance(handle, torch.Tensor):
         return handle[start:stop]
     with torch.no_grad():
-        if isinstance(handle, _Quantized):
-            return unpack(handle.packed.rows(start, stop))
-        layer = handle.layer
-        if handle.role in layer.fallback:
-            return _rebuild_rows(layer.fallback[handle.role], start, stop)
-        return layer.rebuild(handle.role, handle.dtype, rows=(start, stop))
+        return handle.unpack_rows(start, stop)
 
 
 CONV_CHUNK_BYTES = 64 * 2**20  # a convolution backward rebuilds its input in batch chunks of about this
@@ -424,14 +425,14 @@ class _Layer:
         """The tensor of ``role``, or its leading-dimension ``rows`` (start, stop): those are not cached."""
         if self.input is not None and role == "input":  # read during quantize_layer, before packing
             return self.input if rows is None else self.input[rows[0] : rows[1]]
+        if role in self.fallback:
+            return _unpack(self.fallback[role]) if rows is None else _rebuild_rows(self.fallback[role], *rows)
         if rows is not None:
             epilogue = {k: _row_table(v, rows) for k, v in self._epilogue(role).items()}
             if isinstance(self.stored, Packed):
                 return unpack(self.stored.rows(*rows), dtype=dtype, **epilogue)
             v = self.stored[rows[0] : rows[1]].to(torch.float32, copy=True)  # the epilogue runs in place
             return apply_epilogue(v, **epilogue, inplace=True).to(dtype)
-        if role in self.fallback:
-            return _unpack(self.fallback[role])
         if self.cache is not None and self.cache[0] == role and self.cache[1].dtype == dtype:
             return self.cache[1]
         # The norm input is the layer's last role in backward: drop the cache before rebuilding it.
@@ -446,6 +447,12 @@ class _Layer:
         if role != "input":
             self.cache = (role, out)
         return out
+
+    def row_step(self, role: str) -> int:
+        """Rows at whose multiples ``role`` can be rebuilt in part (see :meth:`rebuild`)."""
+        if role in self.fallback:
+            return _row_step(self.fallback[role])
+        return self.stored.row_step if isinstance(self.stored, Packed) else 1
 
     def norm_backward(self, grad: torch.Tensor, need_input_grad: bool, input_dtype: torch.dtype):
         """BatchNorm backward from the stored copy: (input grad, sum(grad * x_hat), sum(grad)).
