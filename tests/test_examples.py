@@ -77,3 +77,15 @@ def test_graphpass_bench_on_resnet18_cpu(tmp_path, capsys):
     assert methods == ["plain", "checkpoint", "graphpass", "graphpass+gn+pn"]
     assert all(r["error"] is None and r["peak_bytes"] > 0 and r["step_ms"] > 0 for r in doc["runs"])
     assert "graphpass+gn+pn" in capsys.readouterr().out
+
+
+def test_profile_step_reports_both_methods_on_the_cpu():
+    proc = run_example(
+        str(EXAMPLES / "profile_step.py"), "--model", "torchvision:resnet18", "--batch", "2", "--image", "32",
+        "--device", "cpu", "--steps", "1",
+    )  # fmt: skip
+    lines = proc.stdout.splitlines()
+    assert "plain" in lines[1] and "graphpass 4-bit" in lines[1]
+    for figure in ("forward peak MiB", "step ms (median)", "host ms", "GPU kernel ms"):
+        (row,) = [line for line in lines if line.startswith(figure)]
+        assert len(row.split()) >= 2 and all(float(v) >= 0 for v in row[len(figure):].split())
