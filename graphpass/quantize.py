@@ -33,6 +33,7 @@ import logging
 import math
 from dataclasses import dataclass
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,13 @@ __all__ = [
     "unpack",
     "channel_sums",
     "fused_norm_grad",
+    "LayerMaps",
+    "layer_maps",
+    "layer_tables",
+    "batch_norm_grad_tables",
+    "LAYER_TABLE_ROWS",
+    "NORM_GRAD_ROWS",
+    "TINY_GAMMA",
     "Activation",
     "apply_epilogue",
     "SUPPORTED_BITS",
@@ -207,8 +215,9 @@ def pack_anchored(
     v: torch.Tensor,
     bits: int,
     *,
-    mean: torch.Tensor,
-    std: torch.Tensor,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    grid: torch.Tensor | None = None,
     channel_dim: int = 1,
     stochastic: bool = False,
     backend: str | None = None,
@@ -221,6 +230,7 @@ def pack_anchored(
     ``v > 0``, and rebuilt values are > 0 exactly where ``v > 0``. Inside the window the error is at
     most ``step_c / 2``. ``stochastic=True`` rounds between bin midpoints without bias, except within
     half a step of zero (the sign wins) and outside the window (clipped).
+    Instead of ``mean``/``std``, ``grid`` may give that grid itself (as :func:`layer_tables` makes it).
     """
     _check_bits(bits)
     _check_float(v, "pack_anchored")
@@ -229,20 +239,29 @@ def pack_anchored(
         raise InputError(f"pack_anchored: channel_dim={channel_dim} is out of range for a tensor of shape {tuple(v.shape)}")
     channel_dim %= v.dim()
     channels = v.shape[channel_dim]
-    stats = []
-    for name, t in (("mean", mean), ("std", std)):
-        if not isinstance(t, torch.Tensor) or t.numel() != channels:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise InputError(f"pack_anchored: {name} must be a tensor of {channels} elements (channel_dim={channel_dim}), got {got}")
-        stats.append(t.detach().reshape(-1).to(device=v.device, dtype=torch.float32))
     flat, perm = _flatten(v)
     inner = _inner(v.shape, perm, channel_dim)
     kernels = _kernels_for(v, backend)
+    if grid is not None:
+        if mean is not None or std is not None:
+            raise InputError("pack_anchored: give either mean and std or grid, not both")
+        if grid.shape != (channels, 3) or grid.dtype != torch.float32 or not grid.is_contiguous() or grid.device != v.device:
+            raise InputError(
+                f"pack_anchored: grid must be a contiguous float32 ({channels}, 3) table on {v.device} "
+                f"(rows [step, 1/step, shift]), got {tuple(grid.shape)} {grid.dtype} on {grid.device}"
+            )
+    else:
+        stats = []
+        for name, t in (("mean", mean), ("std", std)):
+            if not isinstance(t, torch.Tensor) or t.numel() != channels:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InputError(f"pack_anchored: {name} must be a tensor of {channels} elements (channel_dim={channel_dim}), got {got}")
+            stats.append(t.detach().reshape(-1).to(device=v.device, dtype=torch.float32))
+        use_kernel = kernels is not None and flat.numel() > 0
+        grid = kernels.anchored_table(*stats, bits) if use_kernel else torch.stack(anchored_grid(*stats, bits), 1)
     if kernels is not None and flat.numel() > 0:
-        grid = kernels.anchored_table(*stats, bits)
         codes, flags = kernels.anchored_pack(flat, bits, grid, channels, inner, stochastic)
     else:
-        grid = torch.stack(anchored_grid(*stats, bits), 1)
         codes, flags = _anchored_pack_torch(flat, bits, grid, channels, inner, stochastic)
     return Packed(
         "anchored", bits, v.shape, v.dtype, codes, perm,
@@ -345,7 +364,13 @@ def channel_sums(
         raise InputError(f"channel_sums: center must have {channels} elements (one per channel), got {center.numel()}")
     kernels = _kernels_for(p.codes, backend)
     if kernels is not None and p.numel > 0:
-        return kernels.anchored_channel_sums(p.codes, p.flags, p.grid, p.bits, flat_g, center, channels, inner, p.numel)
+        partial = kernels.anchored_channel_sums(p.codes, p.flags, p.grid, p.bits, flat_g, center, channels, inner, p.numel)
+        total = partial.sum(0)
+        return total[0], total[1]
+    return _channel_sums_torch(p, flat_g, center, channels, inner)
+
+
+def _channel_sums_torch(p: Packed, flat_g: torch.Tensor, center: torch.Tensor, channels: int, inner: int):
     sum_g = flat_g.new_zeros(channels, dtype=torch.float32)
     sum_gv = flat_g.new_zeros(channels, dtype=torch.float32)
     rows = flat_g.view(-1, channels, inner)
@@ -371,12 +396,12 @@ def fused_norm_grad(
     ``v`` rebuilt from the anchored copy ``p`` in the same pass; rounded once to ``dtype`` (default
     ``grad.dtype``), in the copy's shape and memory layout.
 
-    With tables from :func:`channel_sums` this is a BatchNorm's input gradient (papers.md 1.5,
-    step 7) without a full-size rebuild of its input.
+    With tables from :func:`batch_norm_grad_tables` this is a BatchNorm's input gradient (papers.md
+    1.5, step 7) without a full-size rebuild of its input.
     """
     flat_g, channels, inner = _grad_for(p, grad, "fused_norm_grad", backend)
     dtype = grad.dtype if dtype is None else dtype
-    tables = [t.detach().reshape(-1).to(device=p.device, dtype=torch.float32).contiguous() for t in (scale, shift, grad_scale)]
+    tables = [_flat_float32(t, p.device) for t in (scale, shift, grad_scale)]
     if any(t.numel() != channels for t in tables):
         raise InputError(f"fused_norm_grad: scale, shift and grad_scale must have {channels} elements (one per channel)")
     kernels = _kernels_for(p.codes, backend)
@@ -393,6 +418,128 @@ def fused_norm_grad(
         v = torch.addcmul(shift, v, scale, out=v)
         out_rows[chunk] = v.addcmul_(rows[chunk].float(), grad_scale)
     return _restore(out, p.shape, p.perm)
+
+
+# ----------------------------------------------------------------------------- normalized layers
+
+TINY_GAMMA = 1e-12  # |gamma| at most this: the norm's input is not rebuilt from its output (0 instead)
+LAYER_TABLE_ROWS = ("scale", "shift", "grad_scale", "a", "center")  # rows of layer_tables' floats
+NORM_GRAD_ROWS = ("grad_weight", "grad_bias", "scale", "shift")  # rows of batch_norm_grad_tables
+
+
+class LayerMaps(NamedTuple):
+    """The affine maps of one Conv -> Norm -> Act layer (BLPA, papers.md 1.4-1.5), per channel or
+    per sample and channel: the norm's output ``h = x * h_scale + h_shift``; the role that is not
+    stored follows from the stored one as ``stored * scale + shift``; the normalized input is
+    ``x_hat = (stored - center) * a``; ``grid_mean``/``grid_std`` are the stored tensor's statistics
+    as the norm imposes them (BatchNorm), which set its anchored grid."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    h_scale: torch.Tensor
+    h_shift: torch.Tensor
+    a: torch.Tensor
+    center: torch.Tensor
+    grid_mean: torch.Tensor
+    grid_std: torch.Tensor
+
+
+def layer_maps(
+    mean: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, *, store_output: bool
+) -> LayerMaps:
+    """:class:`LayerMaps` from the norm's statistics and affine parameters (float32 tensors that
+    broadcast together). ``store_output``: the pre-activation ``h`` is stored (an activation follows),
+    else the norm input ``x``; a ``gamma`` of magnitude at most :data:`TINY_GAMMA` gives ``x`` as 0."""
+    h_scale = gamma * rstd
+    h_shift = beta - mean * h_scale
+    if store_output:  # x = (h - beta) / gamma / rstd + mean
+        inv_gamma = torch.where(gamma.abs() > TINY_GAMMA, 1.0 / gamma, torch.zeros_like(gamma))
+        scale = inv_gamma / rstd
+        return LayerMaps(scale, mean - beta * scale, h_scale, h_shift, inv_gamma, beta, beta, gamma.abs())
+    return LayerMaps(h_scale, h_shift, h_scale, h_shift, rstd, mean, mean, 1.0 / rstd)
+
+
+@torch.no_grad()
+def layer_tables(
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    *,
+    bits: int | None,
+    store_output: bool,
+    backend: str | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A BatchNorm layer's per-channel tables, in one launch on CUDA: ``(grid, floats)``.
+
+    ``mean``/``rstd`` are the norm's batch statistics, ``gamma``/``beta`` its affine parameters (None:
+    1 and 0), C elements each. ``grid`` is the stored tensor's anchored grid for ``bits`` (as
+    :func:`pack_anchored` takes it; None when ``bits`` is None) and ``floats`` a (5, C) float32 table
+    of the :func:`layer_maps` rows named by :data:`LAYER_TABLE_ROWS`.
+    """
+    _check_backend(backend)
+    if bits is not None:
+        _check_bits(bits)
+    channels = mean.numel()
+    for name, t in (("rstd", rstd), ("gamma", gamma), ("beta", beta)):
+        if t is not None and t.numel() != channels:
+            raise InputError(f"layer_tables: {name} must have {channels} elements like mean, got {t.numel()}")
+    kernels = _kernels_for(mean, backend)
+    if kernels is not None and channels > 0:
+        tensors = [None if t is None else _dense(t, mean.device) for t in (mean, rstd, gamma, beta)]
+        return kernels.layer_tables(*tensors, bits, store_output)
+    ones = torch.ones(channels, device=mean.device)
+    gamma = ones if gamma is None else gamma.detach().reshape(-1).float()
+    beta = torch.zeros_like(ones) if beta is None else beta.detach().reshape(-1).float()
+    maps = layer_maps(mean.reshape(-1).float(), rstd.reshape(-1).float(), gamma, beta, store_output=store_output)
+    grid = torch.stack(anchored_grid(maps.grid_mean, maps.grid_std, bits), 1) if bits is not None else None
+    return grid, torch.stack([maps.scale, maps.shift, maps.h_scale, maps.a, maps.center])
+
+
+@torch.no_grad()
+def batch_norm_grad_tables(
+    stored: Packed | torch.Tensor, grad: torch.Tensor, floats: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """A BatchNorm's backward reductions from its layer's stored tensor, as a (4, C) float32 table with
+    the rows named by :data:`NORM_GRAD_ROWS`: the gradients of weight and bias, and the per-channel
+    ``scale``/``shift`` for which :func:`fused_norm_grad` gives the input gradient.
+
+    ``stored`` is the anchored copy (or, with quantization off, the exact tensor: channels on
+    dimension 1), ``floats`` the (3, C) rows ``grad_scale, a, center`` of :func:`layer_tables`: with
+    ``x_hat = (v - center) * a`` the input gradient is
+    ``grad_scale * (grad - mean(grad) - x_hat * mean(grad * x_hat))``, rearranged as
+    ``v * scale + shift + grad_scale * grad`` so that one pass over the copy computes it. On CUDA,
+    the channel sums and these tables take two launches.
+    """
+    if isinstance(stored, Packed):
+        flat_g, channels, inner = _grad_for(stored, grad, "batch_norm_grad_tables", backend)
+        numel = stored.numel
+    else:
+        channels, numel = stored.shape[1], stored.numel()
+        if grad.shape != stored.shape:
+            raise InputError(f"batch_norm_grad_tables: grad must have the shape {tuple(stored.shape)}, got {tuple(grad.shape)}")
+    if floats.shape != (3, channels):
+        raise InputError(f"batch_norm_grad_tables: floats must be a (3, {channels}) table (grad_scale, a, center), got {tuple(floats.shape)}")
+    floats = _dense(floats, grad.device, torch.float32)
+    neg_inv_count = -channels / numel if numel else 0.0
+    if isinstance(stored, Packed):
+        kernels = _kernels_for(stored.codes, backend)
+        if kernels is not None and numel > 0:
+            s = stored
+            partial = kernels.anchored_channel_sums(s.codes, s.flags, s.grid, s.bits, flat_g, floats[2], channels, inner, numel)
+            return kernels.norm_grad_tables(partial, floats, neg_inv_count)
+        sum_g, sum_gv = _channel_sums_torch(stored, flat_g, floats[2], channels, inner)
+    else:
+        dims = [0, *range(2, grad.dim())]
+        g32 = grad.float()
+        view = (1, -1) + (1,) * (grad.dim() - 2)
+        sum_g, sum_gv = g32.sum(dims), (g32 * (stored.float() - floats[2].view(view))).sum(dims)
+    grad_scale, a, center = floats
+    sum_gx = sum_gv * a
+    b = -center * a  # x_hat = v * a + b
+    scale = grad_scale * a * sum_gx * neg_inv_count
+    shift = grad_scale * (sum_g + b * sum_gx) * neg_inv_count
+    return torch.stack([sum_gx, sum_g, scale, shift])
 
 
 def _grad_for(p: Packed, grad: torch.Tensor, where: str, backend: str | None) -> tuple[torch.Tensor, int, int]:
@@ -446,7 +593,10 @@ def _kernels_for(t: torch.Tensor, backend: str | None) -> ModuleType | None:
         if kernels is None:
             raise UnsupportedError("backend='triton' was requested but triton cannot be imported here")
         return kernels
-    if t.device.type != "cuda" or _is_fake(t):
+    if t.device.type != "cuda":
+        return None
+    # A plain tensor cannot be fake; asking costs more than the kernel launch it decides on.
+    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter and _is_fake(t):
         return None
     return _kernels()
 
@@ -479,7 +629,20 @@ def _check_tables(p: Packed, scale: torch.Tensor | None, shift: torch.Tensor | N
             f"unpack: scale and shift must both be tensors of {' or '.join(map(str, sizes))} elements (per channel, "
             f"or per sample and channel); got {got[0]} and {got[1]}"
         )
-    return tuple(t.detach().reshape(-1).to(device=p.device, dtype=torch.float32).contiguous() for t in (scale, shift))
+    return _flat_float32(scale, p.device), _flat_float32(shift, p.device)
+
+
+def _dense(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` contiguous on ``device`` (in ``dtype``): itself when it already is (per-layer tables are
+    passed on every call, and each op skipped saves host time)."""
+    if t.device == device and t.is_contiguous() and (dtype is None or t.dtype == dtype):
+        return t
+    return t.detach().to(device=device, dtype=dtype or t.dtype).contiguous()
+
+
+def _flat_float32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = _dense(t, device, torch.float32)
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def _table_shape(shape: torch.Size, channel_dim: int, size: int) -> list[int]:

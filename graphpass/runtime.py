@@ -66,8 +66,10 @@ from graphpass.quantize import (
     Packed,
     aligned_rows,
     apply_epilogue,
-    channel_sums,
+    batch_norm_grad_tables,
     fused_norm_grad,
+    layer_maps,
+    layer_tables,
     pack_anchored,
     pack_groups,
     pack_mask,
@@ -100,7 +102,6 @@ NORMS = ("batch_norm", "group_norm", "proxy_norm")
 MIN_PACKED_NUMEL = 4096  # smaller saved tensors are not worth a kernel launch
 MAX_STATISTIC_NUMEL = 1 << 16  # saved tensors without autograd history up to this size (norm
 # statistics, per-token means) stay exact: backward formulas divide by them
-_TINY_GAMMA = 1e-12
 
 # Autograd nodes that save their own output, first, where the backward only needs ``result > 0``.
 _MASK_SAVERS = frozenset({"ReluBackward0", "LeakyReluBackward1"})
@@ -417,8 +418,8 @@ class _Layer:
         self.post_scale: torch.Tensor | None = None  # Proxy Norm: activation -> (act - mu~) * inv_std~
         self.post_shift: torch.Tensor | None = None
         self.fallback: dict[str, Any] = {}  # role -> generic handle, when layer mode did not apply
-        # BatchNorm: float32 per-channel (gamma * rstd, a, center) with x_hat = (stored - center) * a
-        self.norm_floats: tuple[torch.Tensor, ...] = ()
+        # BatchNorm: float32 (3, C) rows grad_scale (gamma * rstd), a, center: x_hat = (stored - center) * a
+        self.norm_floats: torch.Tensor | None = None
         self.cache: tuple[str, torch.Tensor] | None = None  # the last rebuilt non-input role
 
     def rebuild(self, role: str, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -455,35 +456,21 @@ class _Layer:
         return self.stored.row_step if isinstance(self.stored, Packed) else 1
 
     def norm_backward(self, grad: torch.Tensor, need_input_grad: bool, input_dtype: torch.dtype):
-        """BatchNorm backward from the stored copy: (input grad, sum(grad * x_hat), sum(grad)).
-
-        With ``x_hat = v * a + b`` per channel (``v`` the stored values): the standard formula
-        ``gamma * rstd * (grad - mean(grad) - x_hat * mean(grad * x_hat))``, rearranged as
-        ``grad_scale * grad + v * scale + shift`` so that one pass over the copy computes it.
-        """
+        """BatchNorm backward from the stored copy: (input grad, weight grad, bias grad), float32
+        parameter gradients (:func:`graphpass.quantize.batch_norm_grad_tables`)."""
         self.cache = None  # the activation output's backward ran before this one: nothing reads it again
-        grad_scale, a, center = self.norm_floats
-        b = -center * a  # x_hat = v * a + b = (v - center) * a
         stored = self.stored
-        if isinstance(stored, Packed):
-            sum_g, sum_gv = channel_sums(stored, grad, center)
-        else:
-            dims = [0, *range(2, grad.dim())]
-            g32 = grad.float()
-            sum_g, sum_gv = g32.sum(dims), (g32 * (stored.float() - _channel(center, g32))).sum(dims)
-        sum_gx = sum_gv * a
+        grad_weight, grad_bias, scale, shift = batch_norm_grad_tables(stored, grad, self.norm_floats)
         if not need_input_grad:
-            return None, sum_gx, sum_g
-        count = grad.numel() // grad.shape[1]
-        scale = grad_scale * a * sum_gx * (-1.0 / count)
-        shift = grad_scale * (sum_g + b * sum_gx) * (-1.0 / count)
+            return None, grad_weight, grad_bias
+        grad_scale = self.norm_floats[0]
         if isinstance(stored, Packed):
             grad_x = fused_norm_grad(stored, grad, scale=scale, shift=shift, grad_scale=grad_scale, dtype=input_dtype)
         else:
             g32 = grad.float()
             grad_x = (stored.float() * _channel(scale, g32) + _channel(shift, g32) + g32 * _channel(grad_scale, g32))
             grad_x = grad_x.to(input_dtype)
-        return grad_x, sum_gx, sum_g
+        return grad_x, grad_weight, grad_bias
 
     def _epilogue(self, role: str) -> dict[str, Any]:
         """How ``role`` follows from the stored tensor: activation(stored) * scale + shift."""
@@ -727,57 +714,49 @@ class _Session:
 
     def _fill_layer(self, layer, x, y, weight, bias, stats, *, bits, norm, activation, proxy) -> None:
         mean, rstd = stats
-        gamma, beta = _affine_params(weight, bias, y.shape[1], y)
         layer.activation = activation
-        if norm == "batch_norm":
-            mean_b, rstd_b = _channel(mean, y), _channel(rstd, y)
+        # With an activation, store the pre-activation h on a grid anchored at 0 (exact activation
+        # sign); without one, store x (a zero-initialised gamma cannot lose it).
+        store_output = activation.name not in ("none", "identity") or norm == "proxy_norm"
+        layer.stored_role, layer.other_role = ("output", "input") if store_output else ("input", "output")
+        if norm == "batch_norm":  # per-channel tables, in one launch on CUDA
+            table, floats = layer_tables(mean, rstd, weight, bias, bits=self.bits, store_output=store_output)
+            grid = {"grid": table}
+            layer.scale, layer.shift = floats[0], floats[1]
+            layer.norm_floats = floats[2:]  # what its backward from the copy needs (_Layer.norm_backward)
+            target = y if store_output else x
         else:
-            mean_b, rstd_b = _per_sample_channel(mean, y), _per_sample_channel(rstd, y)
-        gamma_b, beta_b = _channel(gamma, y), _channel(beta, y)
-        # The map from x to the norm's affine output h = (x - mean) * rstd * gamma + beta.
-        h_scale = gamma_b * rstd_b
-        h_shift = beta_b - mean_b * h_scale
-        if norm == "proxy_norm":
-            # ProxyNormAct keeps h inside its fused function: materialise it once to store it.
-            from graphpass.proxy_norm import proxy_statistics
-
-            proxy_weight, proxy_bias, proxy_eps, num_points = proxy
-            mu, inv_std = proxy_statistics(
-                gamma, beta, proxy_weight.detach().float(), proxy_bias.detach().float(), activation=activation.name,
-                negative_slope=activation.negative_slope, proxy_eps=proxy_eps, num_points=num_points,
+            gamma, beta = _affine_params(weight, bias, y.shape[1], y)
+            maps = layer_maps(
+                _per_sample_channel(mean, y), _per_sample_channel(rstd, y), _channel(gamma, y), _channel(beta, y),
+                store_output=store_output,
             )  # fmt: skip
-            layer.post_scale = _channel(inv_std, y)
-            layer.post_shift = -_channel(mu * inv_std, y)
-            layer.activation = Activation(activation.name if activation.name != "identity" else "none", activation.negative_slope)
-        if activation.name not in ("none", "identity") or norm == "proxy_norm":
-            # Store h on a grid anchored at 0 (exact activation sign); x = (h - beta) / gamma / rstd + mean.
-            inv_gamma = torch.where(gamma.abs() > _TINY_GAMMA, 1.0 / gamma, torch.zeros_like(gamma))
-            layer.stored_role, layer.other_role = "output", "input"
-            layer.scale = _channel(inv_gamma, y) / rstd_b
-            layer.shift = mean_b - beta_b * layer.scale
-            target = torch.addcmul(h_shift, x, h_scale) if norm == "proxy_norm" else y
-            grid_mean, grid_std = beta, gamma.abs()  # BatchNorm makes these y's channel statistics
-            x_hat_map = (inv_gamma, beta)  # x_hat = (h - beta) / gamma
-        else:
-            # Store x (a zero-initialised gamma cannot lose it); y = (x - mean) * rstd * gamma + beta.
-            layer.stored_role, layer.other_role = "input", "output"
-            layer.scale, layer.shift = h_scale, h_shift
-            target = x
-            grid_mean, grid_std = mean, 1.0 / rstd
-            x_hat_map = (rstd, mean)  # x_hat = (x - mean) * rstd
-        if norm == "batch_norm":  # what its backward from the copy needs (_Layer.norm_backward)
-            layer.norm_floats = (h_scale.reshape(-1), *x_hat_map)
-        else:
+            layer.scale, layer.shift = maps.scale, maps.shift
+            target = y
+            if norm == "proxy_norm":
+                # ProxyNormAct keeps h inside its fused function: materialise it once to store it.
+                from graphpass.proxy_norm import proxy_statistics
+
+                proxy_weight, proxy_bias, proxy_eps, num_points = proxy
+                mu, inv_std = proxy_statistics(
+                    gamma, beta, proxy_weight.detach().float(), proxy_bias.detach().float(), activation=activation.name,
+                    negative_slope=activation.negative_slope, proxy_eps=proxy_eps, num_points=num_points,
+                )  # fmt: skip
+                layer.post_scale = _channel(inv_std, y)
+                layer.post_shift = -_channel(mu * inv_std, y)
+                layer.activation = Activation(activation.name if activation.name != "identity" else "none", activation.negative_slope)
+                target = torch.addcmul(maps.h_shift, x, maps.h_scale)
+            elif not store_output:
+                target = x
             # Group statistics say little about single channels: measure them (one extra read).
-            dims = [0, *range(2, target.dim())]
-            var, grid_mean = torch.var_mean(target, dim=dims, correction=0)
-            grid_mean, grid_std = grid_mean.float(), var.float().sqrt()
+            var, grid_mean = torch.var_mean(target, dim=[0, *range(2, target.dim())], correction=0)
+            grid = {"mean": grid_mean.float(), "std": var.float().sqrt()}
         if self.bits is None:
             layer.stored = target.detach().clone()
             layer.format = "exact-layer"
             nbytes = _nbytes(layer.stored)
         else:
-            layer.stored = pack_anchored(target, bits, mean=grid_mean, std=grid_std, stochastic=self.stochastic)
+            layer.stored = pack_anchored(target, bits, **grid, stochastic=self.stochastic)
             layer.format = f"q{bits}-layer"
             nbytes = layer.stored.nbytes
         record_pack(target, nbytes, layer.format)

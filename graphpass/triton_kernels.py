@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from graphpass.quantize import _FLOAT32_MAX, FLAG_BLOCK, TINY_STEP, _level_reciprocals
+from graphpass.quantize import _FLOAT32_MAX, FLAG_BLOCK, TINY_GAMMA, TINY_STEP, _level_reciprocals
 
 __all__ = [
     "group_pack",
@@ -22,6 +22,8 @@ __all__ = [
     "anchored_pack",
     "anchored_unpack",
     "anchored_channel_sums",
+    "layer_tables",
+    "norm_grad_tables",
     "activation_code",
     "mask_pack",
     "mask_unpack",
@@ -397,7 +399,8 @@ _SUMS_PROGRAMS = 1024  # aim: programs over all channels, enough to fill a GPU
 
 
 def anchored_channel_sums(codes, flags, grid, bits: int, grad, center, channels: int, inner: int, numel: int):
-    """graphpass.quantize.channel_sums: per-channel (sum(grad), sum(grad * (v - center))), float32."""
+    """graphpass.quantize.channel_sums, in parts: (splits, 2, C) float32, row [s, 0] the sum of grad
+    and [s, 1] of grad * (v - center) over split ``s`` of the rows; the sum over splits is the result."""
     rows = numel // (channels * inner)
     splits = max(1, min(rows, _SUMS_PROGRAMS // channels))
     per_program = triton.cdiv(rows, splits)
@@ -409,8 +412,7 @@ def anchored_channel_sums(codes, flags, grid, bits: int, grad, center, channels:
         BITS=bits, BLOCK_ROWS=_SUMS_TILE // block_inner, BLOCK_INNER=block_inner, WIDE=_wide(numel), FLAG=FLAG_BLOCK,
         num_warps=_NUM_WARPS,
     )  # fmt: skip
-    total = sums.sum(0)
-    return total[0], total[1]
+    return sums
 
 
 def anchored_table(mean, std, bits: int) -> torch.Tensor:
@@ -456,6 +458,94 @@ def anchored_unpack(
         ACTIVATION=activation, AFFINE=tables is not None, PER_SAMPLE=tables is not None and scale.numel() != channels,
         BATCH_INNER_IS_ONE=batch_inner == 1, ON_CUDA=out.is_cuda, ADD_GRAD=addend is not None, num_warps=_NUM_WARPS,
     )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------- BatchNorm layer tables
+# Per-channel work of a few hundred floats: one launch each, instead of a dozen eager ops whose
+# launches would cost the host more than the step's large kernels.
+
+_TABLE_BLOCK = 1024
+
+
+@triton.jit
+def _layer_tables_kernel(
+    mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, grid_ptr, floats_ptr, channels,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, STORE_OUTPUT: tl.constexpr, HAS_GRID: tl.constexpr,
+    N: tl.constexpr, TINY: tl.constexpr, TINY_GAMMA: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # graphpass.quantize.layer_maps and anchored_grid, per channel, in the same float32 operations
+    # (launched without FMA contraction, so they round as PyTorch's eager ops do).
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = c < channels
+    mean = tl.load(mean_ptr + c, mask=inside, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + c, mask=inside, other=1.0).to(tl.float32)
+    one = tl.full(mean.shape, 1.0, tl.float32)
+    gamma = tl.load(gamma_ptr + c, mask=inside, other=1.0).to(tl.float32) if HAS_GAMMA else one
+    beta = tl.load(beta_ptr + c, mask=inside, other=0.0).to(tl.float32) if HAS_BETA else one * 0.0
+    h_scale = gamma * rstd
+    if STORE_OUTPUT:
+        a = tl.where(tl.abs(gamma) > TINY_GAMMA, tl.math.div_rn(one, gamma), 0.0)
+        scale = tl.math.div_rn(a, rstd)
+        shift = mean - beta * scale
+        center, grid_mean, grid_std = beta, beta, tl.abs(gamma)
+    else:
+        a, scale, shift = rstd, h_scale, beta - mean * h_scale
+        center, grid_mean, grid_std = mean, mean, tl.math.div_rn(one, rstd)
+    tl.store(floats_ptr + c, scale, mask=inside)
+    tl.store(floats_ptr + channels + c, shift, mask=inside)
+    tl.store(floats_ptr + 2 * channels + c, h_scale, mask=inside)
+    tl.store(floats_ptr + 3 * channels + c, a, mask=inside)
+    tl.store(floats_ptr + 4 * channels + c, center, mask=inside)
+    if HAS_GRID:
+        step, inv, code_shift = _anchored_grid(grid_mean, grid_std, N, TINY)
+        tl.store(grid_ptr + c * 3, step, mask=inside)
+        tl.store(grid_ptr + c * 3 + 1, inv, mask=inside)
+        tl.store(grid_ptr + c * 3 + 2, code_shift, mask=inside)
+
+
+def layer_tables(mean, rstd, gamma, beta, bits: int | None, store_output: bool):
+    """graphpass.quantize.layer_tables: (grid or None, (5, C) floats) in one launch."""
+    channels = mean.numel()
+    floats = torch.empty(5, channels, dtype=torch.float32, device=mean.device)
+    grid = torch.empty(channels, 3, dtype=torch.float32, device=mean.device) if bits is not None else None
+    _layer_tables_kernel[(triton.cdiv(channels, _TABLE_BLOCK),)](
+        mean, rstd, gamma if gamma is not None else mean, beta if beta is not None else mean,
+        grid if grid is not None else floats, floats, channels,
+        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, STORE_OUTPUT=store_output, HAS_GRID=grid is not None,
+        N=1 << (bits or 8), TINY=TINY_STEP, TINY_GAMMA=TINY_GAMMA, BLOCK=_TABLE_BLOCK, enable_fp_fusion=False,
+    )  # fmt: skip
+    return grid, floats
+
+
+@triton.jit
+def _norm_grad_tables_kernel(partial_ptr, floats_ptr, out_ptr, channels, splits, neg_inv_count, BLOCK: tl.constexpr):
+    # graphpass.quantize.batch_norm_grad_tables from the channel-sums kernel's parts, summed in split order.
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = c < channels
+    sum_g = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_gv = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, splits):
+        sum_g += tl.load(partial_ptr + 2 * s * channels + c, mask=inside, other=0.0)
+        sum_gv += tl.load(partial_ptr + (2 * s + 1) * channels + c, mask=inside, other=0.0)
+    grad_scale = tl.load(floats_ptr + c, mask=inside, other=0.0)
+    a = tl.load(floats_ptr + channels + c, mask=inside, other=0.0)
+    center = tl.load(floats_ptr + 2 * channels + c, mask=inside, other=0.0)
+    sum_gx = sum_gv * a
+    b = -center * a
+    tl.store(out_ptr + c, sum_gx, mask=inside)
+    tl.store(out_ptr + channels + c, sum_g, mask=inside)
+    tl.store(out_ptr + 2 * channels + c, grad_scale * a * sum_gx * neg_inv_count, mask=inside)
+    tl.store(out_ptr + 3 * channels + c, grad_scale * (sum_g + b * sum_gx) * neg_inv_count, mask=inside)
+
+
+def norm_grad_tables(partial, floats, neg_inv_count: float):
+    """graphpass.quantize.batch_norm_grad_tables from :func:`anchored_channel_sums`' parts: (4, C)."""
+    splits, _, channels = partial.shape
+    out = torch.empty(4, channels, dtype=torch.float32, device=partial.device)
+    _norm_grad_tables_kernel[(triton.cdiv(channels, _TABLE_BLOCK),)](
+        partial, floats, out, channels, splits, neg_inv_count, BLOCK=_TABLE_BLOCK, enable_fp_fusion=False
+    )
     return out
 
 

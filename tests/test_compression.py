@@ -13,7 +13,7 @@ from graphpass import runtime
 from graphpass.errors import InputError
 from graphpass.meta import META_QUANT
 from graphpass.proxy_norm import ProxyNormAct, ScaledGroupNorm
-from graphpass.quantize import Packed, unpack
+from graphpass.quantize import Packed, apply_epilogue, unpack
 from graphpass.save_recorder import recording
 from graphpass.tracing import trace
 from passes.insert_quantize_on_save import insert_quantize_on_save
@@ -295,8 +295,8 @@ def test_layer_roles_are_rebuilt_in_one_unpack(norm, act, monkeypatch):
             expected = layer.activation(v)
             if layer.post_scale is not None:
                 expected = torch.addcmul(layer.post_shift, expected, layer.post_scale)
-        elif role == layer.other_role:
-            expected = torch.addcmul(layer.shift, v, layer.scale)
+        elif role == layer.other_role:  # tables per channel (BatchNorm) or broadcastable (GroupNorm)
+            expected = apply_epilogue(v, scale=layer.scale.reshape(-1), shift=layer.shift.reshape(-1))
         else:
             expected = v
         assert torch.equal(out, expected.to(out.dtype)), role

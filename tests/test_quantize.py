@@ -13,9 +13,12 @@ from graphpass.errors import InputError
 from graphpass.quantize import (
     FLAG_BLOCK,
     Activation,
+    Packed,
     anchored_grid,
+    batch_norm_grad_tables,
     channel_sums,
     fused_norm_grad,
+    layer_tables,
     pack_anchored,
     pack_groups,
     pack_mask,
@@ -428,6 +431,105 @@ def _interpreter_problem():
     return None
 
 
+def _layer_case(case, channels=6, device="cpu"):
+    """(mean, rstd, gamma, beta) of a BatchNorm layer; "tiny" has a gamma that cannot be inverted."""
+    g = torch.Generator().manual_seed(0)
+    mean, rstd = torch.randn(channels, generator=g), torch.rand(channels, generator=g) + 0.5
+    gamma, beta = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
+    if case == "tiny":
+        gamma[1] = 1e-13
+    to = lambda t: t.to(device) if t is not None else None  # noqa: E731
+    return to(mean), to(rstd), to(gamma if case != "no_affine" else None), to(beta if case != "no_affine" else None)
+
+
+LAYER_CASES = ["affine", "no_affine", "tiny"]
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+@pytest.mark.parametrize("store_output", [True, False])
+def test_layer_tables_map_between_the_roles(case, store_output):
+    """In float64: the stored role maps to the other, x_hat and the grid follow the norm's statistics."""
+    mean, rstd, gamma, beta = _layer_case(case)
+    grid, floats = layer_tables(mean, rstd, gamma, beta, bits=4, store_output=store_output)
+    assert floats.shape == (5, 6) and floats.dtype == torch.float32 and grid.shape == (6, 3)
+    scale, shift, grad_scale, a, center = floats.double()
+    gamma = torch.ones(6) if gamma is None else gamma
+    beta = torch.zeros(6) if beta is None else beta
+    x = torch.randn(5, 6).double()
+    x_hat = (x - mean.double()) * rstd.double()
+    h = x_hat * gamma.double() + beta.double()
+    stored, other = (h, x) if store_output else (x, h)
+    invertible = gamma.abs() > 1e-12
+    if store_output:  # x is rebuilt only where gamma can be inverted (else as the channel mean)
+        other = torch.where(invertible, other, mean.double())
+    torch.testing.assert_close(stored * scale + shift, other, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(((stored - center) * a)[:, invertible], x_hat[:, invertible], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_scale, (gamma * rstd).double())
+    stats = (beta, gamma.abs()) if store_output else (mean, 1.0 / rstd)
+    assert torch.equal(grid, torch.stack(anchored_grid(*stats, 4), 1))
+    assert layer_tables(mean, rstd, gamma, beta, bits=None, store_output=store_output)[0] is None
+
+
+def _bn_backward_case(layout, device="cpu"):
+    p, channel_dim, grad, center, _ = _norm_backward_case(layout, device)
+    c = p.shape[channel_dim]
+    floats = torch.stack([torch.rand(c) + 0.5, torch.rand(c) + 0.5, torch.randn(c)]).to(device)
+    return p, channel_dim, grad, floats
+
+
+def _check_bn_backward(stored, channel_dim, grad, floats, backend=None):
+    """batch_norm_grad_tables and fused_norm_grad against BatchNorm's backward formula, in float64."""
+    v = (unpack(stored, backend="torch") if isinstance(stored, Packed) else stored).double()
+    view = [1] * v.dim()
+    view[channel_dim] = -1
+    dims = [d for d in range(v.dim()) if d != channel_dim]
+    grad_scale, a, center = (t.double().view(view) for t in floats)
+    x_hat, g = (v - center) * a, grad.double()
+    mean = lambda t: t.mean(dims, keepdim=True)  # noqa: E731
+    expected_input = grad_scale * (g - mean(g) - x_hat * mean(g * x_hat))
+    tables = batch_norm_grad_tables(stored, grad, floats, backend=backend)
+    assert tables.shape == (4, v.shape[channel_dim]) and tables.dtype == torch.float32
+    if isinstance(stored, Packed):
+        got = fused_norm_grad(stored, grad, scale=tables[2], shift=tables[3], grad_scale=floats[0], backend=backend)
+    else:
+        got = stored * tables[2].view(view) + tables[3].view(view) + grad * floats[0].view(view)
+    # A channel holding NaN/Inf has no finite sums; its input gradient must not come out finite.
+    finite = torch.isfinite(v).all(dims).cpu()
+    close = dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(tables[0].double().cpu()[finite], (g * x_hat).sum(dims).cpu()[finite], **close)
+    torch.testing.assert_close(tables[1].double().cpu()[finite], g.sum(dims).cpu()[finite], **close)
+    got, expected_input = got.double().movedim(channel_dim, 0).cpu(), expected_input.movedim(channel_dim, 0).cpu()
+    torch.testing.assert_close(got[finite], expected_input[finite], rtol=1e-4, atol=1e-5)
+    assert not torch.isfinite(got[~finite]).any()
+
+
+@pytest.mark.parametrize("layout", [*EPILOGUE_LAYOUTS, "rows_of_a_flag_block"])
+@pytest.mark.parametrize("chunk", [FLAG_BLOCK, 2**17])
+def test_batch_norm_grad_tables_give_batch_norm_backward(layout, chunk, monkeypatch):
+    """PyTorch path from the copy, in chunks and in one piece; and from an exact tensor."""
+    monkeypatch.setattr(quantize_module, "TORCH_CHUNK", chunk)
+    p, channel_dim, grad, floats = _bn_backward_case(layout)
+    _check_bn_backward(p, channel_dim, grad, floats, backend="torch")
+    if channel_dim == 1:
+        _check_bn_backward(unpack(p).nan_to_num(0, 0, 0), 1, grad, floats)
+
+
+def test_layer_tables_bad_arguments_are_clear_errors():
+    mean, rstd = torch.zeros(3), torch.ones(3)
+    with pytest.raises(InputError, match="gamma must have 3"):
+        layer_tables(mean, rstd, torch.ones(4), None, bits=4, store_output=True)
+    with pytest.raises(InputError, match="bits=3"):
+        layer_tables(mean, rstd, None, None, bits=3, store_output=True)
+    v = torch.randn(2, 3, 4)
+    p = pack_anchored(v, 4, mean=mean, std=rstd)
+    with pytest.raises(InputError, match=r"\(3, 3\) table"):
+        batch_norm_grad_tables(p, v, torch.ones(5, 3))
+    with pytest.raises(InputError, match="not both"):
+        pack_anchored(v, 4, mean=mean, std=rstd, grid=p.grid)
+    with pytest.raises(InputError, match=r"float32 \(3, 3\) table"):
+        pack_anchored(v, 4, grid=p.grid[:2])
+
+
 _PROBLEM = _interpreter_problem()
 needs_interpreter = pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
 
@@ -544,6 +646,24 @@ def test_triton_norm_backward_matches_a_full_unpack(layout):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("case", LAYER_CASES)
+@pytest.mark.parametrize("store_output", [True, False])
+@pytest.mark.parametrize("bits", [2, 8, None])
+def test_triton_layer_tables_match_pytorch(case, store_output, bits):
+    args = _layer_case(case, channels=1500)  # two programs
+    ref = layer_tables(*args, bits=bits, store_output=store_output, backend="torch")
+    tri = layer_tables(*args, bits=bits, store_output=store_output, backend="triton")
+    assert torch.equal(tri[1], ref[1])
+    assert (tri[0] is None and ref[0] is None) or torch.equal(tri[0], ref[0])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", EPILOGUE_LAYOUTS)
+def test_triton_batch_norm_grad_tables_give_batch_norm_backward(layout):
+    _check_bn_backward(*_bn_backward_case(layout), backend="triton")
+
+
+@needs_interpreter
 @pytest.mark.parametrize("shape", [(13,), (2, 3, 50, 9)])
 def test_triton_mask_kernels_match_pytorch(shape):
     m = torch.rand(shape) > 0.5
@@ -610,6 +730,20 @@ def test_cuda_uses_triton_and_keeps_the_guarantees(bits):
 def test_cuda_norm_backward_matches_a_full_unpack(layout):
     """Compiled kernels: the channel sums and the fused input gradient."""
     _check_norm_backward(*_norm_backward_case(layout, device="cuda"), backend=None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", LAYER_CASES)
+@pytest.mark.parametrize("store_output", [True, False])
+def test_cuda_layer_tables_and_batch_norm_backward(case, store_output):
+    """Compiled kernels: the layer tables round as the PyTorch path (no FMA contraction), and the
+    backward tables give BatchNorm's backward."""
+    args = _layer_case(case, channels=64)
+    ref = layer_tables(*args, bits=4, store_output=store_output)
+    got = layer_tables(*(t.cuda() if t is not None else None for t in args), bits=4, store_output=store_output)
+    assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[1].cpu(), ref[1])
+    for layout in EPILOGUE_LAYOUTS:
+        _check_bn_backward(*_bn_backward_case(layout, device="cuda"))
 
 
 @pytest.mark.gpu
