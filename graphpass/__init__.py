@@ -7,6 +7,7 @@ Public API (see DESIGN contract)::
     gp.verify_plan(plan)
     gp.export_onnx(gm, example_inputs, "model.onnx", opset=21)
     gp.draw(plan, "plan.html")
+    replay = gp.capture_step(train_step)  # a whole training step as one CUDA graph
 
 Heavy optional pieces (onnx, matplotlib, triton) load only when their function is first used.
 """
@@ -44,6 +45,7 @@ _LAZY = {
     "draw": "graphpass.visualize",
     "ProxyNormAct": "graphpass.proxy_norm",
     "proxy_norm_param_groups": "graphpass.proxy_norm",
+    "capture_step": "graphpass.cuda_graph",
 }
 
 __all__ = [

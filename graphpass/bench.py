@@ -14,6 +14,11 @@ Peak memory is that of one warm training step, parameters, optimizer state and t
 included (CUDA: the caching allocator's ``max_memory_allocated``; CPU: live tensor storage bytes).
 Step time is the median of warm steps. A method that fails (out of memory included) is reported
 and the others still run.
+
+With ``cuda_graph`` (CUDA only) every method's whole step is captured in a CUDA graph
+(:func:`graphpass.cuda_graph.capture_step`) and replayed: step times are then those of the GPU
+work alone, without the host's per-op cost, for every method alike. The peak is then that of the
+captured step (allocations during capture come from the graph's pool, as large as that peak).
 """
 
 from __future__ import annotations
@@ -163,7 +168,7 @@ def _logits(out: Any) -> torch.Tensor:
 class _Trainer:
     """A model prepared for one method, its optimizer and a training step."""
 
-    def __init__(self, spec: str, method: Method, data: _Data, device: torch.device) -> None:
+    def __init__(self, spec: str, method: Method, data: _Data, device: torch.device, cuda_graph: bool = False) -> None:
         torch.manual_seed(0)  # identical initial weights for every method
         model = load_model(spec).to(device).train()
         if method.checkpoint:
@@ -181,11 +186,17 @@ class _Trainer:
         self.device = device
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.labels: torch.Tensor | None = None
+        self.cuda_graph = cuda_graph
+        self.replay: Callable[[], None] | None = None  # the captured step, once captured
 
     def step(self) -> None:
+        if self.replay is not None:
+            self.replay()
+            return
         self.opt.zero_grad(set_to_none=True)
         ctx = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            # A captured step may not keep autocast's cast cache (it outlives the capture).
+            torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.cuda_graph)
             if self.method.autocast
             else contextlib.nullcontext()
         )
@@ -212,12 +223,18 @@ def _sync(device: torch.device) -> None:
 
 
 def _measured_step(trainer: _Trainer) -> int:
-    """Peak bytes of one step, parameters, optimizer state and the batch included."""
+    """Peak bytes of one step, parameters, optimizer state and the batch included. With a CUDA
+    graph, the step measured is the captured one, after which :meth:`_Trainer.step` replays it."""
     device = trainer.device
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
-        trainer.step()
+        if trainer.cuda_graph:
+            from graphpass.cuda_graph import capture_step
+
+            trainer.replay = capture_step(trainer.step, warmup_steps=1, device=device)
+        else:
+            trainer.step()
         _sync(device)
         return torch.cuda.max_memory_allocated(device)
     tracker = StorageTracker(trainer.persistent_tensors())
@@ -281,6 +298,7 @@ def measure_method(
     device: torch.device,
     steps: int,
     on_step: Callable[[int, int], None] = lambda done, total: None,
+    cuda_graph: bool = False,
 ) -> BenchRun:
     """Warm up, measure the peak of one step, then time ``steps`` steps; never raises on failure.
 
@@ -290,7 +308,7 @@ def measure_method(
     total = WARMUP_STEPS + 1 + steps
     trainer = None
     try:
-        trainer = _Trainer(spec, method, _Data(batch, image, device), device)
+        trainer = _Trainer(spec, method, _Data(batch, image, device), device, cuda_graph)
         for i in range(WARMUP_STEPS):
             trainer.step()
             on_step(i + 1, total)
@@ -394,17 +412,21 @@ def run_bench(
     steps: int = 10,
     max_batch_mib: int | None = None,
     progress: Progress | None = None,
+    cuda_graph: bool = False,
 ) -> dict:
     """Measure every method; return the JSON document of ``graphpass bench``."""
     dev = _device(device)
+    if cuda_graph and dev.type != "cuda":
+        raise InputError("--cuda-graph: CUDA graphs need --device cuda")
     load_model(spec)  # a bad MODEL is a clear error before any measurement
     methods = methods_for(dev, bits)
     progress = progress or Progress(len(methods))
     runs: list[BenchRun] = []
     for index, method in enumerate(methods, 1):
         run = measure_method(
-            spec, method, batch, image, dev, steps, on_step=lambda d, t: progress.update(index, method.name, d, t)
-        )
+            spec, method, batch, image, dev, steps,
+            on_step=lambda d, t: progress.update(index, method.name, d, t), cuda_graph=cuda_graph,
+        )  # fmt: skip
         if max_batch_mib and run.error is None:
             try:
                 run.max_batch, run.max_batch_predicted = largest_batch(
@@ -431,6 +453,7 @@ def run_bench(
         "optimizer": "SGD(lr=0.01, momentum=0.9)",
         "warmup_steps": WARMUP_STEPS,
         "timed_steps": steps,
+        "cuda_graph": cuda_graph,
         "max_batch_budget_bytes": max_batch_mib * MIB if max_batch_mib else None,
         "torch": torch.__version__,
         "runs": [asdict(r) for r in runs],
@@ -443,6 +466,7 @@ def format_table(doc: dict) -> str:
         f"graphpass bench: {doc['model']}, batch {doc['batch']}, {doc['image']}x{doc['image']}, "
         f"{doc['device']}, {doc['dtype']}, {doc['optimizer']}, graphpass bits={doc['bits'] or 'none'}, "
         f"median of {doc['timed_steps']} warm steps"
+        + (", each a CUDA graph replay" if doc.get("cuda_graph") else "")
     )
     cols = ["method", "peak MiB", "vs plain", "step ms", "vs plain"]
     if budget:
@@ -486,6 +510,7 @@ def bench_command(args: argparse.Namespace) -> int:
             amp=args.amp,
             steps=args.steps,
             max_batch_mib=args.max_batch,
+            cuda_graph=args.cuda_graph,
         )
         if tmp is not None:
             tmp.write_text(json.dumps(doc, indent=2) + "\n")

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=_bits, default=4)
     p.add_argument("--amp", action="store_true", help="also run under torch.autocast")
     p.add_argument("--steps", type=_positive, default=10, help="timed steps per method (median reported)")
+    p.add_argument(
+        "--cuda-graph", action="store_true", help="capture every method's whole training step in a CUDA graph (gp.capture_step)"
+    )
     p.add_argument("--max-batch", type=_positive, metavar="MIB", help="find the largest batch fitting MIB of memory")
     p.add_argument("--json", metavar="F")
     return parser

@@ -45,6 +45,7 @@ __all__ = [
     "pack_groups",
     "pack_anchored",
     "pack_mask",
+    "pack_positive_mask",
     "unpack",
     "channel_sums",
     "fused_norm_grad",
@@ -275,12 +276,27 @@ def pack_mask(m: torch.Tensor, *, backend: str | None = None) -> Packed:
     _check_backend(backend)
     if m.dtype != torch.bool:
         raise InputError(f"pack_mask: expected a bool tensor, got {m.dtype}; pass (tensor != 0) for a mask")
+    return _pack_mask(m, backend)
+
+
+@torch.no_grad()
+def pack_positive_mask(x: torch.Tensor, *, backend: str | None = None) -> Packed:
+    """Store ``~(x <= 0)`` of a floating-point tensor (NaN counts as positive, as in ReLU's
+    backward) in one bit per element; :func:`unpack` gives the bool mask. One pass over ``x``."""
+    _check_backend(backend)
+    _check_float(x, "pack_positive_mask")
+    return _pack_mask(x, backend)
+
+
+def _pack_mask(m: torch.Tensor, backend: str | None) -> Packed:
+    """Bits of a bool tensor, or of ``~(m <= 0)`` for a floating-point one."""
     flat, perm = _flatten(m)
     kernels = _kernels_for(m, backend)
     if kernels is not None and flat.numel() > 0:
         codes = kernels.mask_pack(flat)
     else:
-        codes = _pack_bits(_pad(flat.to(torch.uint8), 8), 1)
+        bits = flat if flat.dtype == torch.bool else ~(flat <= 0)
+        codes = _pack_bits(_pad(bits.to(torch.uint8), 8), 1)
     return Packed("mask", 1, m.shape, torch.bool, codes, perm)
 
 
@@ -302,13 +318,17 @@ def unpack(
     (``shape[0] * C`` elements, row-major). This is :func:`apply_epilogue` on the plain unpacked value
     in float32; the Triton kernel fuses the multiply-add as ``torch.addcmul`` does on FMA-capable CPUs.
     Activations without a Triton form (mish, tanh-approximated gelu) run in PyTorch after the kernel.
+    Mask layout: ``dtype`` gives the mask as 0 and 1 in that dtype, in the same pass.
     """
     _check_backend(backend)
     numel = p.numel
     kernels = _kernels_for(p.codes, backend)
-    epilogue = activation is not None or scale is not None or shift is not None or dtype is not None
-    if epilogue and p.layout != "anchored":
-        raise InputError(f"unpack: activation/scale/shift/dtype need the anchored layout (per-channel grid), not {p.layout!r}")
+    epilogue = activation is not None or scale is not None or shift is not None
+    if p.layout != "anchored" and (epilogue or (dtype is not None and p.layout != "mask")):
+        raise InputError(
+            f"unpack: activation/scale/shift need the anchored layout (per-channel grid), and dtype the anchored or "
+            f"mask layout, not {p.layout!r}"
+        )
     if p.layout == "group":
         if kernels is not None and numel > 0:
             flat = kernels.group_unpack(p.codes, p.scales, p.flags, p.bits, p.group_size, numel, p.dtype)
@@ -316,11 +336,11 @@ def unpack(
             flat = _group_unpack_torch(p, numel)
     elif p.layout == "anchored":
         return _anchored_unpack(p, kernels, activation, scale, shift, p.dtype if dtype is None else dtype)
-    elif p.layout == "mask":
+    elif p.layout == "mask":  # as bool, or as 0/1 in ``dtype`` in the same pass
         if kernels is not None and numel > 0:
-            flat = kernels.mask_unpack(p.codes, numel)
+            flat = kernels.mask_unpack(p.codes, numel, dtype or torch.bool)
         else:
-            flat = _unpack_bits(p.codes, 1, numel).to(torch.bool)
+            flat = _unpack_bits(p.codes, 1, numel).to(dtype or torch.bool)
     else:
         raise InputError(f"unpack: unknown layout {p.layout!r}; expected 'group', 'anchored' or 'mask'")
     return _restore(flat, p.shape, p.perm)

@@ -73,8 +73,10 @@ from graphpass.quantize import (
     pack_anchored,
     pack_groups,
     pack_mask,
+    pack_positive_mask,
     unpack,
 )
+from graphpass.errors import UnsupportedError
 from graphpass.save_recorder import record_pack
 
 __all__ = [
@@ -177,6 +179,11 @@ def compress_saved(x: Any, state: CompressionState, *inputs: Any, bits: int, rou
         state.session.close()
         state.session = None
     if state.training and torch.is_grad_enabled():
+        if rounding == "stochastic" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise UnsupportedError(
+                "stochastic rounding under CUDA graph capture: its seed is drawn on the host, so every replay "
+                "would reuse the captured one; transform with rounding='nearest' to capture the step"
+            )
         state.session = _Session(bits if _QUANTIZE.get() else None, rounding == "stochastic")
         for t in tree_leaves((x, inputs)):
             if isinstance(t, torch.Tensor):
@@ -304,7 +311,7 @@ class _Mask:
     format = "mask1"
 
     def unpack(self) -> torch.Tensor:
-        return unpack(self.packed).to(self.dtype)
+        return unpack(self.packed, dtype=self.dtype)
 
 
 class _Narrowed:
@@ -808,9 +815,9 @@ class _Session:
                 return ref
         if self.bits is not None and entry is None:
             if t.dtype == torch.bool:
-                return self._mask(t, t)
+                return self._mask(t, pack_mask(t))
             if node is not None and type(node).__name__ in _MASK_SAVERS:
-                return self._mask(t, ~(t <= 0))
+                return self._mask(t, pack_positive_mask(t))
         handle = self._generic(t)
         if entry is not None:
             entry.values = handle
@@ -818,8 +825,8 @@ class _Session:
             self.entries[id(t)] = _Entry(t, values=handle)
         return handle
 
-    def _mask(self, t: torch.Tensor, mask: torch.Tensor) -> _Mask:
-        handle = _Mask(pack_mask(mask), t.dtype)
+    def _mask(self, t: torch.Tensor, packed: Packed) -> _Mask:
+        handle = _Mask(packed, t.dtype)
         self.entries[id(t)] = _Entry(t, mask=handle)
         record_pack(t, handle.packed.nbytes, handle.format)
         return handle

@@ -22,6 +22,7 @@ from graphpass.quantize import (
     pack_anchored,
     pack_groups,
     pack_mask,
+    pack_positive_mask,
     triton_available,
     unpack,
 )
@@ -239,6 +240,24 @@ def test_mask_round_trip(shape):
     assert torch.equal(unpack(p), m)
     cl = (torch.rand(2, 3, 4, 5) > 0.5).to(memory_format=torch.channels_last)
     assert torch.equal(unpack(pack_mask(cl)), cl)
+
+
+def _relu_result(shape):
+    """A ReLU's output with zeros, NaN and +-Inf: its mask is ~(x <= 0), NaN counting as positive."""
+    x = torch.randn(shape).relu_()
+    x.view(-1)[:3] = torch.tensor([math.nan, math.inf, -math.inf])
+    return x
+
+
+@pytest.mark.parametrize("shape", [(13,), (2, 3, 4, 5)])
+def test_positive_mask_is_what_relu_backward_reads(shape):
+    x = _relu_result(shape)
+    p = pack_positive_mask(x)
+    assert p.nbytes == -(-x.numel() // 8)
+    assert torch.equal(unpack(p), ~(x <= 0))
+    assert torch.equal(unpack(p, dtype=torch.float16), (~(x <= 0)).half())
+    with pytest.raises(InputError, match="floating-point"):
+        pack_positive_mask(x > 0)
 
 
 @pytest.mark.parametrize("device", ["meta", "fake"])
@@ -670,6 +689,11 @@ def test_triton_mask_kernels_match_pytorch(shape):
     ref, tri = pack_mask(m, backend="torch"), pack_mask(m, backend="triton")
     assert torch.equal(tri.codes, ref.codes)
     assert torch.equal(unpack(tri, backend="triton"), m)
+    x = _relu_result(shape)
+    ref, tri = pack_positive_mask(x, backend="torch"), pack_positive_mask(x, backend="triton")
+    assert torch.equal(tri.codes, ref.codes)
+    for dtype in (torch.float32, torch.bfloat16):  # what a ReLU's backward multiplies by
+        assert torch.equal(unpack(tri, dtype=dtype, backend="triton"), (~(x <= 0)).to(dtype))
 
 
 @needs_interpreter
@@ -723,6 +747,7 @@ def test_cuda_uses_triton_and_keeps_the_guarantees(bits):
         torch.testing.assert_close(unpack(g).cpu(), unpack(ref, backend="torch").cpu(), rtol=1e-6, atol=1e-6, equal_nan=True)
     m = plain > 0
     assert torch.equal(unpack(pack_mask(m)), m)
+    assert torch.equal(unpack(pack_positive_mask(special)), ~(special <= 0))
 
 
 @pytest.mark.gpu
