@@ -29,11 +29,13 @@ channels_last and other dense layouts are not copied and come back with the same
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +77,22 @@ TORCH_CHUNK = 2**17  # elements the PyTorch path rebuilds at a time where it nee
 TINY_STEP = 2.0**-100  # smallest grid step; keeps 1/step finite for constant channels
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _BACKENDS = (None, "torch", "triton")
+T = TypeVar("T")
+
+
+def _no_grad(fn: Callable[..., T]) -> Callable[..., T]:
+    """``torch.no_grad()`` as a decorator, entered only when grad mode is on: the runtime calls these
+    functions hundreds of times a step, mostly in backward or inside its own no-grad block, where
+    building the context costs more host time than the call it wraps."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass(eq=False)
@@ -180,7 +198,7 @@ class Activation:
 # ----------------------------------------------------------------------------- public API
 
 
-@torch.no_grad()
+@_no_grad
 def pack_groups(
     x: torch.Tensor,
     bits: int,
@@ -211,7 +229,7 @@ def pack_groups(
     return Packed("group", bits, x.shape, x.dtype, codes, perm, scales=scales, flags=flags, group_size=group_size)
 
 
-@torch.no_grad()
+@_no_grad
 def pack_anchored(
     v: torch.Tensor,
     bits: int,
@@ -270,7 +288,7 @@ def pack_anchored(
     )  # fmt: skip
 
 
-@torch.no_grad()
+@_no_grad
 def pack_mask(m: torch.Tensor, *, backend: str | None = None) -> Packed:
     """Store a bool tensor in one bit per element."""
     _check_backend(backend)
@@ -279,7 +297,7 @@ def pack_mask(m: torch.Tensor, *, backend: str | None = None) -> Packed:
     return _pack_mask(m, backend)
 
 
-@torch.no_grad()
+@_no_grad
 def pack_positive_mask(x: torch.Tensor, *, backend: str | None = None) -> Packed:
     """Store ``~(x <= 0)`` of a floating-point tensor (NaN counts as positive, as in ReLU's
     backward) in one bit per element; :func:`unpack` gives the bool mask. One pass over ``x``."""
@@ -300,7 +318,7 @@ def _pack_mask(m: torch.Tensor, backend: str | None) -> Packed:
     return Packed("mask", 1, m.shape, torch.bool, codes, perm)
 
 
-@torch.no_grad()
+@_no_grad
 def unpack(
     p: Packed,
     *,
@@ -366,7 +384,7 @@ def apply_epilogue(
     return v
 
 
-@torch.no_grad()
+@_no_grad
 def channel_sums(
     p: Packed, grad: torch.Tensor, center: torch.Tensor, *, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,7 +419,7 @@ def _channel_sums_torch(p: Packed, flat_g: torch.Tensor, center: torch.Tensor, c
     return sum_g, sum_gv
 
 
-@torch.no_grad()
+@_no_grad
 def fused_norm_grad(
     p: Packed,
     grad: torch.Tensor,
@@ -479,7 +497,7 @@ def layer_maps(
     return LayerMaps(h_scale, h_shift, h_scale, h_shift, rstd, mean, mean, 1.0 / rstd)
 
 
-@torch.no_grad()
+@_no_grad
 def layer_tables(
     mean: torch.Tensor,
     rstd: torch.Tensor,
@@ -516,7 +534,7 @@ def layer_tables(
     return grid, torch.stack([maps.scale, maps.shift, maps.h_scale, maps.a, maps.center])
 
 
-@torch.no_grad()
+@_no_grad
 def batch_norm_grad_tables(
     stored: Packed | torch.Tensor, grad: torch.Tensor, floats: torch.Tensor, *, backend: str | None = None
 ) -> torch.Tensor:
@@ -529,7 +547,7 @@ def batch_norm_grad_tables(
     ``x_hat = (v - center) * a`` the input gradient is
     ``grad_scale * (grad - mean(grad) - x_hat * mean(grad * x_hat))``, rearranged as
     ``v * scale + shift + grad_scale * grad`` so that one pass over the copy computes it. On CUDA,
-    the channel sums and these tables take two launches.
+    the channel sums and these tables take one launch.
     """
     if isinstance(stored, Packed):
         flat_g, channels, inner = _grad_for(stored, grad, "batch_norm_grad_tables", backend)
@@ -546,8 +564,7 @@ def batch_norm_grad_tables(
         kernels = _kernels_for(stored.codes, backend)
         if kernels is not None and numel > 0:
             s = stored
-            partial = kernels.anchored_channel_sums(s.codes, s.flags, s.grid, s.bits, flat_g, floats[2], channels, inner, numel)
-            return kernels.norm_grad_tables(partial, floats, neg_inv_count)
+            return kernels.batch_norm_grad_tables(s.codes, s.flags, s.grid, s.bits, flat_g, floats, neg_inv_count, channels, inner, numel)
         sum_g, sum_gv = _channel_sums_torch(stored, flat_g, floats[2], channels, inner)
     else:
         dims = [0, *range(2, grad.dim())]

@@ -23,7 +23,7 @@ __all__ = [
     "anchored_unpack",
     "anchored_channel_sums",
     "layer_tables",
-    "norm_grad_tables",
+    "batch_norm_grad_tables",
     "activation_code",
     "mask_pack",
     "mask_unpack",
@@ -362,10 +362,14 @@ def _anchored_decode(code, flagged, table_row, BITS: tl.constexpr):
 @triton.jit
 def _anchored_channel_sums_kernel(
     codes_ptr, flags_ptr, table_ptr, grad_ptr, center_ptr, sums_ptr, channels, inner, rows, rows_per_program,
+    arrived_ptr, floats_ptr, out_ptr, splits, neg_inv_count,
     BITS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_INNER: tl.constexpr, WIDE: tl.constexpr, FLAG: tl.constexpr,
+    FINALIZE: tl.constexpr,
 ):  # fmt: skip
     # Program (c, s) sums grad and grad * (v - center) over rows [s * rows_per_program, ...) of channel c, the
-    # copy seen as (rows, channels, inner): fixed order, so the sums are deterministic.
+    # copy seen as (rows, channels, inner): fixed order, so the sums are deterministic. With FINALIZE the
+    # last of a channel's programs to finish adds the parts up, in split order, into its
+    # batch_norm_grad_tables column: one launch for the whole backward reduction.
     PER: tl.constexpr = 8 // BITS
     channel = tl.program_id(0)
     split = tl.program_id(1)
@@ -392,6 +396,23 @@ def _anchored_channel_sums_kernel(
             sum_gv += tl.where(valid, grad * (value - center), 0.0)
     tl.store(sums_ptr + split * 2 * channels + channel, tl.sum(tl.sum(sum_g, axis=1), axis=0))
     tl.store(sums_ptr + (split * 2 + 1) * channels + channel, tl.sum(tl.sum(sum_gv, axis=1), axis=0))
+    if FINALIZE:
+        # acq_rel: the parts stored before each arrival are visible to the program that arrives last.
+        if tl.atomic_add(arrived_ptr + channel, 1) == splits - 1:
+            total_g = tl.load(sums_ptr + channel, cache_modifier=".cg")
+            total_gv = tl.load(sums_ptr + channels + channel, cache_modifier=".cg")
+            for s in range(1, splits):
+                total_g += tl.load(sums_ptr + 2 * s * channels + channel, cache_modifier=".cg")
+                total_gv += tl.load(sums_ptr + (2 * s + 1) * channels + channel, cache_modifier=".cg")
+            # graphpass.quantize.batch_norm_grad_tables, from the sums.
+            grad_scale = tl.load(floats_ptr + channel)
+            a = tl.load(floats_ptr + channels + channel)
+            sum_gx = total_gv * a
+            b = -center * a
+            tl.store(out_ptr + channel, sum_gx)
+            tl.store(out_ptr + channels + channel, total_g)
+            tl.store(out_ptr + 2 * channels + channel, grad_scale * a * sum_gx * neg_inv_count)
+            tl.store(out_ptr + 3 * channels + channel, grad_scale * (total_g + b * sum_gx) * neg_inv_count)
 
 
 _SUMS_TILE = 1024  # elements per loop step of the channel-sums kernel
@@ -399,21 +420,38 @@ _SUMS_PROGRAMS = 4096  # programs over all channels: enough loads in flight to f
 _SUMS_WARPS = _NUM_WARPS
 
 
-def anchored_channel_sums(codes, flags, grid, bits: int, grad, center, channels: int, inner: int, numel: int):
-    """graphpass.quantize.channel_sums, in parts: (splits, 2, C) float32, row [s, 0] the sum of grad
-    and [s, 1] of grad * (v - center) over split ``s`` of the rows; the sum over splits is the result."""
+def _channel_sums(codes, flags, grid, bits: int, grad, center, channels: int, inner: int, numel: int, finalize=None):
     rows = numel // (channels * inner)
     splits = max(1, min(rows, _SUMS_PROGRAMS // channels))
     per_program = triton.cdiv(rows, splits)
     splits = triton.cdiv(rows, per_program)
     block_inner = min(triton.next_power_of_2(inner), _SUMS_TILE)
     sums = torch.empty(splits, 2, channels, dtype=torch.float32, device=codes.device)
+    if finalize is not None:
+        floats, neg_inv_count = finalize
+        arrived = torch.zeros(channels, dtype=torch.int32, device=codes.device)
+        out = torch.empty(4, channels, dtype=torch.float32, device=codes.device)
+    else:
+        floats, neg_inv_count, arrived, out = sums, 0.0, sums, sums  # unread without FINALIZE
     _anchored_channel_sums_kernel[(channels, splits)](
         codes, flags, grid, grad, center, sums, channels, inner, rows, per_program,
+        arrived, floats, out, splits, neg_inv_count,
         BITS=bits, BLOCK_ROWS=_SUMS_TILE // block_inner, BLOCK_INNER=block_inner, WIDE=_wide(numel), FLAG=FLAG_BLOCK,
-        num_warps=_SUMS_WARPS,
+        FINALIZE=finalize is not None, num_warps=_SUMS_WARPS,
     )  # fmt: skip
-    return sums
+    return sums if finalize is None else out
+
+
+def anchored_channel_sums(codes, flags, grid, bits: int, grad, center, channels: int, inner: int, numel: int):
+    """graphpass.quantize.channel_sums, in parts: (splits, 2, C) float32, row [s, 0] the sum of grad
+    and [s, 1] of grad * (v - center) over split ``s`` of the rows; the sum over splits is the result."""
+    return _channel_sums(codes, flags, grid, bits, grad, center, channels, inner, numel)
+
+
+def batch_norm_grad_tables(codes, flags, grid, bits: int, grad, floats, neg_inv_count: float, channels: int, inner: int, numel: int):
+    """graphpass.quantize.batch_norm_grad_tables, (4, C), in one launch: ``floats`` are its (3, C)
+    rows grad_scale, a, center."""
+    return _channel_sums(codes, flags, grid, bits, grad, floats[2], channels, inner, numel, (floats, neg_inv_count))
 
 
 def anchored_table(mean, std, bits: int) -> torch.Tensor:
@@ -463,8 +501,9 @@ def anchored_unpack(
 
 
 # ----------------------------------------------------------------------------- BatchNorm layer tables
-# Per-channel work of a few hundred floats: one launch each, instead of a dozen eager ops whose
-# launches would cost the host more than the step's large kernels.
+# Per-channel work of a few hundred floats: one launch, instead of a dozen eager ops whose
+# launches would cost the host more than the step's large kernels (the backward's tables come
+# with the channel sums, in _anchored_channel_sums_kernel).
 
 _TABLE_BLOCK = 1024
 
@@ -517,37 +556,6 @@ def layer_tables(mean, rstd, gamma, beta, bits: int | None, store_output: bool):
         N=1 << (bits or 8), TINY=TINY_STEP, TINY_GAMMA=TINY_GAMMA, BLOCK=_TABLE_BLOCK, enable_fp_fusion=False,
     )  # fmt: skip
     return grid, floats
-
-
-@triton.jit
-def _norm_grad_tables_kernel(partial_ptr, floats_ptr, out_ptr, channels, splits, neg_inv_count, BLOCK: tl.constexpr):
-    # graphpass.quantize.batch_norm_grad_tables from the channel-sums kernel's parts, summed in split order.
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inside = c < channels
-    sum_g = tl.zeros([BLOCK], dtype=tl.float32)
-    sum_gv = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, splits):
-        sum_g += tl.load(partial_ptr + 2 * s * channels + c, mask=inside, other=0.0)
-        sum_gv += tl.load(partial_ptr + (2 * s + 1) * channels + c, mask=inside, other=0.0)
-    grad_scale = tl.load(floats_ptr + c, mask=inside, other=0.0)
-    a = tl.load(floats_ptr + channels + c, mask=inside, other=0.0)
-    center = tl.load(floats_ptr + 2 * channels + c, mask=inside, other=0.0)
-    sum_gx = sum_gv * a
-    b = -center * a
-    tl.store(out_ptr + c, sum_gx, mask=inside)
-    tl.store(out_ptr + channels + c, sum_g, mask=inside)
-    tl.store(out_ptr + 2 * channels + c, grad_scale * a * sum_gx * neg_inv_count, mask=inside)
-    tl.store(out_ptr + 3 * channels + c, grad_scale * (sum_g + b * sum_gx) * neg_inv_count, mask=inside)
-
-
-def norm_grad_tables(partial, floats, neg_inv_count: float):
-    """graphpass.quantize.batch_norm_grad_tables from :func:`anchored_channel_sums`' parts: (4, C)."""
-    splits, _, channels = partial.shape
-    out = torch.empty(4, channels, dtype=torch.float32, device=partial.device)
-    _norm_grad_tables_kernel[(triton.cdiv(channels, _TABLE_BLOCK),)](
-        partial, floats, out, channels, splits, neg_inv_count, BLOCK=_TABLE_BLOCK, enable_fp_fusion=False
-    )
-    return out
 
 
 # ----------------------------------------------------------------------------- 1-bit mask
