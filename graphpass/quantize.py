@@ -261,6 +261,7 @@ def pack_anchored(
     flat, perm = _flatten(v)
     inner = _inner(v.shape, perm, channel_dim)
     kernels = _kernels_for(v, backend)
+    use_kernels = kernels is not None and flat.numel() > 0
     if grid is not None:
         if mean is not None or std is not None:
             raise InputError("pack_anchored: give either mean and std or grid, not both")
@@ -276,9 +277,8 @@ def pack_anchored(
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise InputError(f"pack_anchored: {name} must be a tensor of {channels} elements (channel_dim={channel_dim}), got {got}")
             stats.append(t.detach().reshape(-1).to(device=v.device, dtype=torch.float32))
-        use_kernel = kernels is not None and flat.numel() > 0
-        grid = kernels.anchored_table(*stats, bits) if use_kernel else torch.stack(anchored_grid(*stats, bits), 1)
-    if kernels is not None and flat.numel() > 0:
+        grid = kernels.anchored_table(*stats, bits) if use_kernels else torch.stack(anchored_grid(*stats, bits), 1)
+    if use_kernels:
         codes, flags = kernels.anchored_pack(flat, bits, grid, channels, inner, stochastic)
     else:
         codes, flags = _anchored_pack_torch(flat, bits, grid, channels, inner, stochastic)
@@ -460,7 +460,7 @@ def fused_norm_grad(
 
 # ----------------------------------------------------------------------------- normalized layers
 
-TINY_GAMMA = 1e-12  # |gamma| at most this: the norm's input is not rebuilt from its output (0 instead)
+TINY_GAMMA = 1e-12  # |gamma| at most this: the norm's input cannot be rebuilt from its output (its mean instead)
 LAYER_TABLE_ROWS = ("scale", "shift", "grad_scale", "a", "center")  # rows of layer_tables' floats
 NORM_GRAD_ROWS = ("grad_weight", "grad_bias", "scale", "shift")  # rows of batch_norm_grad_tables
 
@@ -487,7 +487,8 @@ def layer_maps(
 ) -> LayerMaps:
     """:class:`LayerMaps` from the norm's statistics and affine parameters (float32 tensors that
     broadcast together). ``store_output``: the pre-activation ``h`` is stored (an activation follows),
-    else the norm input ``x``; a ``gamma`` of magnitude at most :data:`TINY_GAMMA` gives ``x`` as 0."""
+    else the norm input ``x``; where ``gamma`` is at most :data:`TINY_GAMMA` in magnitude, ``x`` is
+    rebuilt as its mean."""
     h_scale = gamma * rstd
     h_shift = beta - mean * h_scale
     if store_output:  # x = (h - beta) / gamma / rstd + mean
