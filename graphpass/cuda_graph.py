@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from graphpass.errors import InputError
+from graphpass.errors import InputError, UnsupportedError
 
 __all__ = ["capture_step", "DEFAULT_WARMUP_STEPS"]
 
@@ -59,6 +59,14 @@ def capture_step(
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        try:
+            with torch.cuda.graph(graph):
+                step()
+        except RuntimeError as e:  # torch's AcceleratorError and CUDA errors derive from it
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UnsupportedError(
+                f"capture_step: the step could not be recorded as a CUDA graph ({first}). An op in it synchronizes "
+                "with the host or uses the default stream (known: gn+pn models, and compressed models on tiny "
+                "activations); train it eagerly, in a fresh process: a failed capture can leave CUDA state unusable"
+            ) from e
     return graph.replay

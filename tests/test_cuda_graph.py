@@ -20,6 +20,36 @@ def test_capture_needs_a_cuda_device(capsys):
     assert "CUDA graphs need --device cuda" in capsys.readouterr().err
 
 
+def test_a_failed_capture_is_a_clear_error(monkeypatch):
+    """The CUDA calls are stood in for, so this runs without a GPU: the capture's error surfaces as an
+    UnsupportedError that says what happened, not as CUDA's "a previous error during capture"."""
+    import contextlib
+    import types
+
+    class Capture:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    fake_stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    for name, value in {
+        "is_available": lambda: True,
+        "device": lambda device: contextlib.nullcontext(),
+        "Stream": lambda: fake_stream,
+        "stream": lambda stream: contextlib.nullcontext(),
+        "current_stream": lambda: fake_stream,
+        "CUDAGraph": lambda: types.SimpleNamespace(replay=lambda: None),
+        "graph": lambda graph: Capture(),
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    steps = []
+    with pytest.raises(UnsupportedError, match="could not be recorded as a CUDA graph .CUDA error: operation failed"):
+        gp.capture_step(lambda: steps.append(1), warmup_steps=2)
+    assert len(steps) == 3  # two warm-up steps, then the one being recorded
+
+
 def _training(model, x, y):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
