@@ -416,7 +416,9 @@ def _anchored_channel_sums_kernel(
 
 
 _SUMS_TILE = 1024  # elements per loop step of the channel-sums kernel
-_SUMS_PROGRAMS = 4096  # programs over all channels: enough loads in flight to fill a GPU (H100: 4096 measured 13% faster than 1024)
+# Programs over all channels: enough loads in flight to fill a GPU (on an H100, ResNet-50's BatchNorm
+# shapes summed 13% faster with 4096 than with 1024).
+_SUMS_PROGRAMS = 4096
 _SUMS_WARPS = _NUM_WARPS
 
 
