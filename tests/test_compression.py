@@ -1,5 +1,6 @@
 """Compressed saved activations: the pass, the runtime's layer and generic modes, edge cases."""
 
+import collections
 import copy
 import math
 import weakref
@@ -18,6 +19,7 @@ from graphpass.save_recorder import recording
 from graphpass.tracing import trace
 from passes.insert_quantize_on_save import insert_quantize_on_save
 from tests.models import SmallResNet
+from tests.test_quantize import needs_interpreter
 
 
 def transformed(model: nn.Module, x: torch.Tensor, bits: int = 4, rounding: str = "nearest") -> torch.fx.GraphModule:
@@ -688,3 +690,41 @@ def test_conv_chunk_rows_respect_size_and_row_step(monkeypatch):
     assert runtime.conv_chunk_rows(4, 300 * mib, 1) == 1
     assert runtime.conv_rebuild_bytes((128, 256, 56, 56), 4, "q4-layer") == 41 * 256 * 56 * 56 * 4  # 3.06 MiB rows
     assert runtime.conv_rebuild_bytes((2, 3, 5, 5), 4, "q4-group") == 2 * 3 * 5 * 5 * 4
+
+
+@needs_interpreter
+def test_runtime_on_the_triton_kernels_matches_the_pytorch_path_and_launches_per_layer(monkeypatch):
+    """The runtime driving the Triton kernels (the interpreter runs them on CPU tensors) gives the
+    PyTorch path's output and gradients. Launches cost the host most of a step's time on a GPU, so
+    their count per BatchNorm layer is held: one table launch and one pack in forward, one
+    reduction launch and one input-gradient pass in backward."""
+    from graphpass import quantize, triton_kernels
+
+    x = torch.randn(2, 3, 16, 16)
+    gm = transformed(SmallResNet(width=16), x)
+    expected = step(gm, x)
+    launches = collections.Counter()
+
+    class CountingKernels:
+        def __getattr__(self, name):
+            fn = getattr(triton_kernels, name)
+            if name == "activation_code":  # a lookup, not a launch
+                return fn
+
+            def counted(*args, **kwargs):
+                launches[name] += 1
+                return fn(*args, **kwargs)
+
+            return counted
+
+    monkeypatch.setattr(quantize, "_kernels_for", lambda t, backend: None if backend == "torch" else CountingKernels())
+    out, grad_x, grads = step(gm, x)
+    assert torch.equal(out, expected[0])
+    torch.testing.assert_close(grad_x, expected[1], rtol=1e-4, atol=1e-6)
+    assert_same_gradients(grads, expected[2], tol=1e-4)
+    batch_norms = 3
+    assert launches["layer_tables"] == launches["anchored_pack"] == launches["batch_norm_grad_tables"] == batch_norms
+    assert launches["anchored_table"] == launches["anchored_channel_sums"] == 0
+    # Input gradients of the three norms, and the two activation outputs rebuilt once each (the
+    # next convolution and the ReLU share the rebuild).
+    assert launches["anchored_unpack"] == batch_norms + 2, launches
