@@ -740,6 +740,8 @@ def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 
 def _restore(flat: torch.Tensor, shape: torch.Size, perm: tuple[int, ...]) -> torch.Tensor:
+    if perm == tuple(range(len(perm))):  # contiguous: a view, no permute
+        return flat.view(shape)
     inverse = [0] * len(perm)
     for i, d in enumerate(perm):
         inverse[d] = i

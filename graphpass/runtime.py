@@ -551,7 +551,7 @@ class _BatchNormFromCopy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, x, weight, bias, layer):
         ctx.layer, ctx.input_dtype = layer, x.dtype
-        ctx.param_dtypes = tuple(p.dtype if p is not None else None for p in (weight, bias))
+        ctx.param_dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
         return y.detach()  # an alias, not a view: the activation after it may run in place
 
     @staticmethod
@@ -672,8 +672,11 @@ class _Session:
             return out  # no history, another kernel, or autocast (the node saved a cast copy of inp)
         if inp.dim() < 2 or not inp.shape[0] or weight is None or weight.dtype != inp.dtype or not weight.requires_grad:
             return out  # a frozen kernel's backward keeps no input: nothing to rebuild
+        batch, row_bytes = inp.shape[0], inp.numel() // inp.shape[0] * inp.element_size()
+        if not conv_chunk_rows(batch, row_bytes, 1):
+            return out  # too small for any row step (most convolutions): skip finding what is stored
         handle = self._stored(inp)
-        rows = conv_chunk_rows(inp.shape[0], inp.numel() // inp.shape[0] * inp.element_size(), _row_step(handle))
+        rows = conv_chunk_rows(batch, row_bytes, _row_step(handle))
         if not rows:
             return out
         self.pack(inp)  # reports the save (of the convolution's copy: 0 bytes) to discovery
