@@ -66,7 +66,7 @@ def capture_step(
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UnsupportedError(
                 f"capture_step: the step could not be recorded as a CUDA graph ({first}). An op in it synchronizes "
-                "with the host or uses the default stream (known: gn+pn models, and compressed models on tiny "
-                "activations); train it eagerly, in a fresh process: a failed capture can leave CUDA state unusable"
+                "with the host, or autograd reuses a node made on the default stream by an earlier eager run; "
+                "train it eagerly, in a fresh process: a failed capture can leave CUDA state unusable"
             ) from e
     return graph.replay

@@ -2,7 +2,9 @@
 
 import collections
 import copy
+import gc
 import math
+import warnings
 import weakref
 
 import pytest
@@ -728,3 +730,33 @@ def test_runtime_on_the_triton_kernels_matches_the_pytorch_path_and_launches_per
     # Input gradients of the three norms, and the two activation outputs rebuilt once each (the
     # next convolution and the ReLU share the rebuild).
     assert launches["anchored_unpack"] == batch_norms + 2, launches
+
+
+def _tensors_with_history() -> list:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on every live object touches deprecated torch aliases
+        warnings.simplefilter("ignore", FutureWarning)
+        return [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+
+
+@pytest.mark.parametrize("norm", ["keep", "gn+pn"])
+def test_a_step_leaves_no_autograd_graph_behind(norm):
+    """Tensors kept as they are (too small to pack: a ReLU's result at 1x1 pixels, GroupNorm's
+    statistics) are stored without their history: a node saving its own output would otherwise hold,
+    through the hook, the tensor that holds the node, and the step's graph would outlive it (which
+    also breaks CUDA graph capture: the next step reused the old gradient accumulators). The
+    transform's own runs count too: saved-tensor discovery on fake tensors left its graph behind."""
+    import graphpass as gp
+
+    x = torch.randn(4, 3, 32, 32)  # the last stage runs at 1x1 pixels: 2,048 values, kept as they are
+    labels = torch.randint(0, 1000, (4,))
+    before = _tensors_with_history()  # held, so that no tensor made later can take one of their ids
+    before_ids = {id(t) for t in before}
+    gm = gp.transform(gp.load_model("torchvision:resnet18").train(), (x,), bits=4, norm=norm)
+    opt = torch.optim.SGD(gm.parameters(), lr=0.01)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(gm(x), labels).backward()
+        opt.step()
+    left = [t for t in _tensors_with_history() if id(t) not in before_ids]
+    assert not left, [(type(t.grad_fn).__name__, tuple(t.shape)) for t in left]

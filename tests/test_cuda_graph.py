@@ -97,20 +97,13 @@ def test_stochastic_rounding_is_refused_under_capture():
         gp.capture_step(_training(model, x, y), warmup_steps=1)
 
 
-# Known not to capture (README, known limits): ProxyNormAct's backward (native_group_norm_backward
-# invalidates the capture: "operation would make the legacy stream depend on a capturing blocking
-# stream"), and graphpass on tiny activations (ResNets at batch 4, 32 px; batch 64 at 32 px and
-# batch 4 at 224 px capture).
-CAPTURED_METHODS = ("plain", "amp", "checkpoint", "graphpass", "graphpass+amp")
-
-
 @pytest.mark.gpu
-def test_bench_with_cuda_graphs_runs_every_batch_norm_method():
+@pytest.mark.parametrize("image", [32, 224])  # at 32 px the last stage's activations are kept as they are
+def test_bench_with_cuda_graphs_runs_every_method(image):
     from graphpass.bench import run_bench
 
-    doc = run_bench("torchvision:resnet18", batch=4, image=224, device="cuda", bits=4, steps=2, cuda_graph=True)
+    doc = run_bench("torchvision:resnet18", batch=4, image=image, device="cuda", bits=4, steps=2, cuda_graph=True)
     assert doc["cuda_graph"] is True
-    runs = {r["method"]: r for r in doc["runs"]}
-    for method in CAPTURED_METHODS:
-        assert runs[method]["error"] is None, runs[method]
-        assert runs[method]["peak_bytes"] > 0 and runs[method]["step_ms"] > 0
+    for r in doc["runs"]:
+        assert r["error"] is None, r
+        assert r["peak_bytes"] > 0 and r["step_ms"] > 0
