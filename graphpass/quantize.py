@@ -276,7 +276,7 @@ def pack_anchored(
             if not isinstance(t, torch.Tensor) or t.numel() != channels:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise InputError(f"pack_anchored: {name} must be a tensor of {channels} elements (channel_dim={channel_dim}), got {got}")
-            stats.append(t.detach().reshape(-1).to(device=v.device, dtype=torch.float32))
+            stats.append(_flat_float32(t, v.device))
         grid = kernels.anchored_table(*stats, bits) if use_kernels else torch.stack(anchored_grid(*stats, bits), 1)
     if use_kernels:
         codes, flags = kernels.anchored_pack(flat, bits, grid, channels, inner, stochastic)
@@ -397,7 +397,7 @@ def channel_sums(
     Triton kernel never materialises ``v``; the PyTorch path rebuilds ``TORCH_CHUNK`` elements at a time.
     """
     flat_g, channels, inner = _grad_for(p, grad, "channel_sums", backend)
-    center = center.detach().reshape(-1).to(device=p.device, dtype=torch.float32).contiguous()
+    center = _flat_float32(center, p.device)
     if center.numel() != channels:
         raise InputError(f"channel_sums: center must have {channels} elements (one per channel), got {center.numel()}")
     kernels = _kernels_for(p.codes, backend)
@@ -527,10 +527,10 @@ def layer_tables(
     if kernels is not None and channels > 0:
         tensors = [None if t is None else _dense(t, mean.device) for t in (mean, rstd, gamma, beta)]
         return kernels.layer_tables(*tensors, bits, store_output)
-    ones = torch.ones(channels, device=mean.device)
-    gamma = ones if gamma is None else gamma.detach().reshape(-1).float()
-    beta = torch.zeros_like(ones) if beta is None else beta.detach().reshape(-1).float()
-    maps = layer_maps(mean.reshape(-1).float(), rstd.reshape(-1).float(), gamma, beta, store_output=store_output)
+    device = mean.device
+    gamma = torch.ones(channels, device=device) if gamma is None else _flat_float32(gamma, device)
+    beta = torch.zeros(channels, device=device) if beta is None else _flat_float32(beta, device)
+    maps = layer_maps(_flat_float32(mean, device), _flat_float32(rstd, device), gamma, beta, store_output=store_output)
     grid = torch.stack(anchored_grid(maps.grid_mean, maps.grid_std, bits), 1) if bits is not None else None
     return grid, torch.stack([maps.scale, maps.shift, maps.h_scale, maps.a, maps.center])
 

@@ -784,8 +784,7 @@ class _Session:
 
     def pack(self, t: torch.Tensor) -> Any:
         if t.numel() < MIN_PACKED_NUMEL or isinstance(t, nn.Parameter):  # most calls: no grad-mode switch
-            record_pack(t, _nbytes(t), "full")
-            return _kept(t)
+            return _store_as_is(t)
         with torch.no_grad():
             return self._pack(t)
 
@@ -807,8 +806,7 @@ class _Session:
         if self.index_bound is not None and t.dtype == torch.int64:
             return self._indices(t, self.index_bound)
         if _keep_as_is(t) or self._is_graph_input(t):
-            record_pack(t, _nbytes(t), "full")
-            return _kept(t)
+            return _store_as_is(t)
         node = t.grad_fn
         if entry is None and node is not None and self.awaiting:
             ref = self._layer_role(t, node)
@@ -855,8 +853,7 @@ class _Session:
 
     def _generic(self, t: torch.Tensor) -> Any:
         if self.bits is None or not t.is_floating_point():
-            record_pack(t, _nbytes(t), "full")
-            return _kept(t)
+            return _store_as_is(t)
         handle = _Quantized(pack_groups(t, self.bits, group_size=DEFAULT_GROUP_SIZE, stochastic=self.stochastic))
         record_pack(t, handle.packed.nbytes, handle.format)
         return handle
@@ -865,12 +862,14 @@ class _Session:
         self.entries[id(t)] = _Entry(t, values=ref)
 
 
-def _kept(t: torch.Tensor) -> torch.Tensor:
-    """``t`` stored as it is, without its autograd history. A node that saves its own output (a
-    ReLU's result) would otherwise hold, through the hook, the tensor that holds the node: a reference
-    cycle that keeps the step's autograd graph alive until the garbage collector runs. Under CUDA
-    graph capture the next step then reuses the old graph's gradient accumulators, whose stream is
-    the default one of an eager step, and the capture fails."""
+def _store_as_is(t: torch.Tensor) -> torch.Tensor:
+    """Store ``t`` as it is (and report so), without its autograd history. A node that saves its own
+    output (a ReLU's result, GroupNorm's statistics) would otherwise hold, through the hook, the
+    tensor that holds the node: a cycle through C++ that the garbage collector cannot see, so the
+    step's autograd graph outlives it. Under CUDA graph capture the next step then reuses the old
+    graph's gradient accumulators, whose stream is the default one of an eager step, and the
+    capture fails."""
+    record_pack(t, _nbytes(t), "full")
     return t.detach() if t.grad_fn is not None else t
 
 
