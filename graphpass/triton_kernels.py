@@ -9,6 +9,8 @@ deterministic codes are bit-identical; the formats are documented in :mod:`graph
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +35,16 @@ _GROUP_TILE = 2048  # elements per program in the group kernels (whole groups)
 _MASK_TILE = 8192  # elements per program in the mask kernels
 _NUM_WARPS = 4
 FLOAT32_MAX = tl.constexpr(_FLOAT32_MAX)
+
+
+# Host-side integer helpers: triton.cdiv and triton.next_power_of_2 are constexpr functions whose
+# calls from Python cost about 3 us each, and the wrappers below run hundreds of times a step.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 @triton.jit
@@ -162,7 +174,7 @@ def group_pack(flat: torch.Tensor, bits: int, group_size: int, stochastic: bool)
     scales = torch.empty(num_groups, 2, dtype=torch.float32, device=flat.device)
     flags = torch.empty(num_groups, dtype=torch.uint8, device=flat.device)
     rcp_plain, rcp_flagged = _level_reciprocals(bits)
-    grid = (triton.cdiv(num_groups, per_program),)
+    grid = (_cdiv(num_groups, per_program),)
     _group_pack_kernel[grid](
         flat, codes, scales, flags, numel, num_groups, _seed() if stochastic else 0,
         BITS=bits, GROUP=group_size, GROUPS_PER_PROGRAM=per_program,
@@ -176,7 +188,7 @@ def group_unpack(codes, scales, flags, bits: int, group_size: int, numel: int, d
     num_groups = scales.shape[0]
     per_program = max(1, _GROUP_TILE // group_size)
     out = torch.empty(numel, dtype=dtype, device=codes.device)
-    grid = (triton.cdiv(num_groups, per_program),)
+    grid = (_cdiv(num_groups, per_program),)
     _group_unpack_kernel[grid](
         codes, scales, flags, out, numel, num_groups,
         BITS=bits, GROUP=group_size, GROUPS_PER_PROGRAM=per_program, WIDE=_wide(numel),
@@ -219,6 +231,7 @@ def _block_offsets(BITS: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     return block, byte, lane, byte[:, None] * PER + lane[None, :]
 
 
+@functools.lru_cache(maxsize=4096)
 def _magic(d: int) -> tuple[int, int]:
     """(m, s) with floor(n / d) == umulhi(2n, m) >> s for 0 <= n < 2**31: m = ceil(2**(31+s) / d),
     s = ceil(log2 d). The error of n*m / 2**(31+s) against n / d is below 1/d, so the floor is exact."""
@@ -422,12 +435,17 @@ _SUMS_PROGRAMS = 4096
 _SUMS_WARPS = _NUM_WARPS
 
 
+@functools.lru_cache(maxsize=4096)
+def _sums_geometry(rows: int, channels: int, inner: int, programs: int) -> tuple[int, int, int]:
+    """(row splits, rows per program, inner block) of the channel-sums launch for one shape."""
+    splits = max(1, min(rows, programs // channels))
+    per_program = _cdiv(rows, splits)
+    return _cdiv(rows, per_program), per_program, min(_next_power_of_2(inner), _SUMS_TILE)
+
+
 def _channel_sums(codes, flags, grid, bits: int, grad, center, channels: int, inner: int, numel: int, finalize=None):
     rows = numel // (channels * inner)
-    splits = max(1, min(rows, _SUMS_PROGRAMS // channels))
-    per_program = triton.cdiv(rows, splits)
-    splits = triton.cdiv(rows, per_program)
-    block_inner = min(triton.next_power_of_2(inner), _SUMS_TILE)
+    splits, per_program, block_inner = _sums_geometry(rows, channels, inner, _SUMS_PROGRAMS)
     sums = torch.empty(splits, 2, channels, dtype=torch.float32, device=codes.device)
     if finalize is not None:
         floats, neg_inv_count = finalize
@@ -460,8 +478,8 @@ def anchored_table(mean, std, bits: int) -> torch.Tensor:
     """graphpass.quantize.anchored_grid as a (C, 3) table, in one launch."""
     channels = mean.numel()
     table = torch.empty(channels, 3, dtype=torch.float32, device=mean.device)
-    block = min(1024, triton.next_power_of_2(channels))
-    _anchored_table_kernel[(triton.cdiv(channels, block),)](
+    block = min(1024, _next_power_of_2(channels))
+    _anchored_table_kernel[(_cdiv(channels, block),)](
         mean, std, table, channels, N=1 << bits, TINY=TINY_STEP, BLOCK=block
     )
     return table
@@ -469,8 +487,8 @@ def anchored_table(mean, std, bits: int) -> torch.Tensor:
 
 def anchored_pack(flat, bits: int, grid, channels: int, inner: int, stochastic: bool):
     numel = flat.numel()
-    blocks = triton.cdiv(numel, FLAG_BLOCK)
-    codes = torch.empty(triton.cdiv(numel, 8 // bits), dtype=torch.uint8, device=flat.device)
+    blocks = _cdiv(numel, FLAG_BLOCK)
+    codes = torch.empty(_cdiv(numel, 8 // bits), dtype=torch.uint8, device=flat.device)
     flags = torch.empty(blocks, dtype=torch.uint8, device=flat.device)
     _anchored_pack_kernel[(blocks,)](
         flat, codes, flags, grid, numel, channels, inner, *_magic(channels), *_magic(inner),
@@ -551,7 +569,7 @@ def layer_tables(mean, rstd, gamma, beta, bits: int | None, store_output: bool):
     channels = mean.numel()
     floats = torch.empty(5, channels, dtype=torch.float32, device=mean.device)
     grid = torch.empty(channels, 3, dtype=torch.float32, device=mean.device) if bits is not None else None
-    _layer_tables_kernel[(triton.cdiv(channels, _TABLE_BLOCK),)](
+    _layer_tables_kernel[(_cdiv(channels, _TABLE_BLOCK),)](
         mean, rstd, gamma if gamma is not None else mean, beta if beta is not None else mean,
         grid if grid is not None else floats, floats, channels,
         HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, STORE_OUTPUT=store_output, HAS_GRID=grid is not None,
@@ -586,9 +604,9 @@ def _mask_unpack_kernel(codes_ptr, m_ptr, numel, BLOCK: tl.constexpr, WIDE: tl.c
 def mask_pack(flat: torch.Tensor) -> torch.Tensor:
     """Bits of a bool tensor, or of ``~(flat <= 0)`` for a floating-point one."""
     numel = flat.numel()
-    codes = torch.empty(triton.cdiv(numel, 8), dtype=torch.uint8, device=flat.device)
+    codes = torch.empty(_cdiv(numel, 8), dtype=torch.uint8, device=flat.device)
     from_float = flat.is_floating_point()
-    _mask_pack_kernel[(triton.cdiv(numel, _MASK_TILE),)](
+    _mask_pack_kernel[(_cdiv(numel, _MASK_TILE),)](
         flat if from_float else flat.view(torch.uint8), codes, numel,
         BLOCK=_MASK_TILE, WIDE=_wide(numel), FROM_FLOAT=from_float, num_warps=_NUM_WARPS,
     )  # fmt: skip
@@ -598,7 +616,7 @@ def mask_pack(flat: torch.Tensor) -> torch.Tensor:
 def mask_unpack(codes: torch.Tensor, numel: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
     """The bits as bool, or as 0/1 in ``dtype``."""
     out = torch.empty(numel, dtype=dtype, device=codes.device)
-    _mask_unpack_kernel[(triton.cdiv(numel, _MASK_TILE),)](
+    _mask_unpack_kernel[(_cdiv(numel, _MASK_TILE),)](
         codes, out.view(torch.uint8) if dtype == torch.bool else out, numel,
         BLOCK=_MASK_TILE, WIDE=_wide(numel), num_warps=_NUM_WARPS,
     )  # fmt: skip

@@ -590,6 +590,21 @@ def test_channel_index_division_is_exact_over_int32():
             if n >= 0:
                 assert ((2 * n * m) >> 32) >> s == n // d, (n, d)
 
+@pytest.mark.skipif(not triton_available(), reason="triton cannot be imported here")
+def test_host_integer_helpers_match_triton():
+    """The wrappers size their launches with plain-Python stand-ins for triton.cdiv and
+    triton.next_power_of_2 (cheaper to call from the host): they must agree with Triton's."""
+    import triton
+
+    from graphpass.triton_kernels import _cdiv, _next_power_of_2
+
+    for n in [1, 2, 3, 4, 5, 7, 8, 9, 1023, 1024, 1025, 3136, 2**31 - 1, 2**31, 2**40 + 3]:
+        assert _next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in [1, 2, 3, 8, 1024, 4096]:
+            assert _cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert _cdiv(0, 7) == 0
+
+
 
 # Without NaN/Inf the PyTorch path on a real CPU tensor skips its special-value steps; both forms
 # must give the kernels' codes.
