@@ -75,6 +75,7 @@ from graphpass.quantize import (
     pack_mask,
     pack_positive_mask,
     unpack,
+    without_grad,
 )
 from graphpass.errors import UnsupportedError
 from graphpass.save_recorder import record_pack
@@ -371,8 +372,7 @@ def _rebuild_rows(handle: Any, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` of what ``handle`` stands for (``start`` a multiple of its row step)."""
     if isinstance(handle, torch.Tensor):
         return handle[start:stop]
-    with torch.no_grad():
-        return handle.unpack_rows(start, stop)
+    return without_grad(handle.unpack_rows, start, stop)
 
 
 CONV_CHUNK_BYTES = 64 * 2**20  # a convolution backward rebuilds its input in batch chunks of about this
@@ -401,8 +401,7 @@ def conv_rebuild_bytes(shape: tuple[int, ...], itemsize: int, fmt: str) -> int:
 def _unpack(handle: Any) -> torch.Tensor:
     if isinstance(handle, torch.Tensor):
         return handle
-    with torch.no_grad():
-        return handle.unpack()
+    return without_grad(handle.unpack)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -710,8 +709,9 @@ class _Session:
             log.debug("layer %d: norm statistics unavailable; its tensors are stored per tensor", index)
             self._fall_back(layer, x)
             return y
-        with torch.no_grad():
-            self._fill_layer(layer, x, y, weight, bias, stats, bits=bits, norm=norm, activation=activation, proxy=proxy)
+        without_grad(
+            self._fill_layer, layer, x, y, weight, bias, stats, bits=bits, norm=norm, activation=activation, proxy=proxy
+        )
         if norm == "proxy_norm":  # y is already the activation output
             self._register(y, _LayerRef(layer, "activation", y.dtype))
             return y
@@ -785,8 +785,7 @@ class _Session:
     def pack(self, t: torch.Tensor) -> Any:
         if t.numel() < MIN_PACKED_NUMEL or isinstance(t, nn.Parameter):  # most calls: no grad-mode switch
             return _store_as_is(t)
-        with torch.no_grad():
-            return self._pack(t)
+        return without_grad(self._pack, t)
 
     def _entry(self, t: torch.Tensor) -> "_Entry | None":
         """The entry of ``t`` as it is now (same object, same version), or None."""
