@@ -597,8 +597,11 @@ def _grad_for(p: Packed, grad: torch.Tensor, where: str, backend: str | None) ->
     if not isinstance(grad, torch.Tensor) or grad.shape != p.shape or not grad.is_floating_point():
         got = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
         raise InputError(f"{where}: grad must be a floating-point tensor of shape {tuple(p.shape)}, got {got}")
-    ordered = grad.permute(p.perm)
-    flat = ordered.reshape(-1) if ordered.is_contiguous() else ordered.contiguous().view(-1)
+    if _is_identity(p.perm) and grad.is_contiguous():  # the common case: one view, no permute
+        flat = grad.view(-1)
+    else:
+        ordered = grad.permute(p.perm)
+        flat = ordered.reshape(-1) if ordered.is_contiguous() else ordered.contiguous().view(-1)
     return flat, p.shape[p.channel_dim], _inner(p.shape, p.perm, p.channel_dim)
 
 
@@ -700,6 +703,7 @@ def _table_shape(shape: torch.Size, channel_dim: int, size: int) -> list[int]:
     return view
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every pack and unpack, of a few shapes
 def _inner(shape: torch.Size, perm: tuple[int, ...], dim: int) -> int:
     """Elements between consecutive indices of ``dim`` in memory order."""
     return math.prod(shape[d] for d in perm[perm.index(dim) + 1 :])
@@ -747,8 +751,12 @@ def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return x.contiguous().reshape(-1), identity
 
 
+def _is_identity(perm: tuple[int, ...]) -> bool:
+    return perm == tuple(range(len(perm)))
+
+
 def _restore(flat: torch.Tensor, shape: torch.Size, perm: tuple[int, ...]) -> torch.Tensor:
-    if perm == tuple(range(len(perm))):  # contiguous: a view, no permute
+    if _is_identity(perm):  # contiguous: a view, no permute
         return flat.view(shape)
     inverse = [0] * len(perm)
     for i, d in enumerate(perm):

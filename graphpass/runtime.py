@@ -466,7 +466,7 @@ class _Layer:
         parameter gradients (:func:`graphpass.quantize.batch_norm_grad_tables`)."""
         self.cache = None  # the activation output's backward ran before this one: nothing reads it again
         stored = self.stored
-        grad_weight, grad_bias, scale, shift = batch_norm_grad_tables(stored, grad, self.norm_floats)
+        grad_weight, grad_bias, scale, shift = batch_norm_grad_tables(stored, grad, self.norm_floats).unbind()
         if not need_input_grad:
             return None, grad_weight, grad_bias
         grad_scale = self.norm_floats[0]
@@ -533,6 +533,10 @@ def _channel(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return t.reshape((1, -1) + (1,) * (y.dim() - 2))
 
 
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # skips the dispatch of a no-op .to
+
+
 def _keeps_graph() -> bool:
     """Whether the running backward was called with retain_graph=True (False where torch cannot tell)."""
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
@@ -568,8 +572,9 @@ class _BatchNormFromCopy(torch.autograd.Function):
             ctx.layer = None
         grad_x, grad_weight, grad_bias = layer.norm_backward(grad, ctx.needs_input_grad[1], ctx.input_dtype)
         weight_dtype, bias_dtype = ctx.param_dtypes
-        grad_weight = grad_weight.to(weight_dtype) if ctx.needs_input_grad[2] else None
-        grad_bias = grad_bias.to(bias_dtype) if ctx.needs_input_grad[3] else None
+        _, _, need_weight, need_bias, _ = ctx.needs_input_grad
+        grad_weight = _as_dtype(grad_weight, weight_dtype) if need_weight else None
+        grad_bias = _as_dtype(grad_bias, bias_dtype) if need_bias else None
         return None, grad_x, grad_weight, grad_bias, None
 
 
