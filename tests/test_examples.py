@@ -89,3 +89,19 @@ def test_profile_step_reports_both_methods_on_the_cpu():
     for figure in ("forward peak MiB", "step ms (median)", "host ms", "GPU kernel ms"):
         (row,) = [line for line in lines if line.startswith(figure)]
         assert len(row.split()) >= 2 and all(float(v) >= 0 for v in row[len(figure):].split())
+
+
+def test_host_cost_runs_the_cuda_path_with_counted_launches(tmp_path):
+    out = tmp_path / "host.json"
+    run_example(
+        str(EXAMPLES / "host_cost.py"), "--model", "torchvision:resnet18", "--batch", "2", "--image", "16",
+        "--steps", "2", "--json", str(out),
+    )  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert all(us > 0 for us in doc["per call us"].values())
+    # One table launch and one pack per BatchNorm layer forward, one reduction per layer backward:
+    # the runtime took its CUDA path on CPU tensors for each of resnet18's 20 BatchNorm layers.
+    launches = doc["Triton launches per step"]["graphpass"]
+    assert launches["layer_tables"] == launches["anchored_pack"] == launches["anchored_channel_sums"] == 20
+    assert doc["Triton launches per step"]["plain"] == {}
+    assert doc["eager ops per step"]["graphpass"] > doc["eager ops per step"]["plain"] > 0

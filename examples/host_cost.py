@@ -1,0 +1,186 @@
+"""Host work of graphpass's CUDA code path, measured without a GPU.
+
+    PYTHONPATH=. python examples/host_cost.py [--model torchvision:resnet50] [--batch 2] [--image 16]
+                                              [--bits 4] [--steps 40] [--json FILE]
+
+On a fast GPU a transformed training step is bound by the host: Python hooks, eager ops and
+Triton launches, not kernels (see ``examples/profile_step.py``). This script runs the same host
+code on the CPU: tensors stay on the CPU, the runtime takes its CUDA path (the Triton wrappers,
+their argument work and allocations), and every Triton launch is replaced by a no-op that counts
+it. Tiny inputs keep the CPU's own compute small; saved tensors down to 64 elements are packed,
+as the full-size step packs them. It reports:
+
+- microseconds per call of the runtime's per-layer functions (the launch itself excluded);
+- per training step (SGD with momentum): Triton launches by kernel and eager ops dispatched, plain
+  against graphpass (on a GPU host each launch costs about 40 us and each eager op about 10 us);
+- step time, plain against graphpass, interleaved; the difference is the host work graphpass
+  adds, less the launches. It varies by several milliseconds from run to run on a shared machine:
+  compare versions in alternating runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+import timeit
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import graphpass as gp
+import graphpass.quantize as quantize
+import graphpass.runtime as runtime
+
+try:
+    import triton
+    import triton.runtime.interpreter
+
+    import graphpass.triton_kernels as kernels
+except ImportError:  # the CUDA path needs the Triton wrappers, if not their launches
+    sys.exit("host_cost.py needs triton installed (its kernels are not launched)")
+
+LAUNCHES: collections.Counter[str] = collections.Counter()
+
+
+class _CountedLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` counts and returns."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs) -> None:
+            LAUNCHES[self.name] += 1
+
+        return launch
+
+
+def take_cuda_path_on_cpu() -> None:
+    # Kernels are InterpretedFunctions instead under TRITON_INTERPRET=1 (as the test suite sets it).
+    kernel_types = (triton.runtime.JITFunction, triton.runtime.interpreter.InterpretedFunction)
+    for name in dir(kernels):
+        if isinstance(getattr(kernels, name), kernel_types):
+            setattr(kernels, name, _CountedLaunch(name.strip("_").removesuffix("_kernel")))
+    quantize._kernels_for = lambda t, backend: None if backend == "torch" else kernels
+    runtime.MIN_PACKED_NUMEL = 64  # tiny tensors take the paths full-size ones take
+
+
+class _OpCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def per_call_us(bits: int) -> dict[str, float]:
+    """Host microseconds per call of the per-layer functions, on one BatchNorm layer's tensors."""
+    torch.manual_seed(0)
+    channels = 64
+    y = torch.randn(8, channels, 16, 16)
+    mean, rstd = torch.randn(channels), torch.rand(channels) + 0.5
+    weight, bias = torch.rand(channels), torch.randn(channels)
+    grid, floats = quantize.layer_tables(mean, rstd, weight, bias, bits=bits, store_output=True)
+    packed = quantize.pack_anchored(y, bits, grid=grid)
+    grad = torch.randn_like(y)
+    tables = quantize.batch_norm_grad_tables(packed, grad, floats[2:])
+    relu = quantize.Activation("relu")
+    calls = {
+        "layer_tables": lambda: quantize.layer_tables(mean, rstd, weight, bias, bits=bits, store_output=True),
+        "pack_anchored": lambda: quantize.pack_anchored(y, bits, grid=grid),
+        "unpack (ReLU epilogue)": lambda: quantize.unpack(packed, activation=relu, scale=floats[0], shift=floats[1]),
+        "batch_norm_grad_tables": lambda: quantize.batch_norm_grad_tables(packed, grad, floats[2:]),
+        "fused_norm_grad": lambda: quantize.fused_norm_grad(
+            packed, grad, scale=tables[2], shift=tables[3], grad_scale=floats[2]
+        ),
+        "pack_groups": lambda: quantize.pack_groups(y, bits, group_size=256),
+        "pack_positive_mask": lambda: quantize.pack_positive_mask(y),
+    }
+    with torch.no_grad():  # as the runtime calls them
+        return {name: min(timeit.repeat(fn, number=2000, repeat=3)) / 2000 * 1e6 for name, fn in calls.items()}
+
+
+def _trainer(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), labels % 10).backward()
+        opt.step()
+
+    return step
+
+
+def per_step(spec: str, batch: int, image: int, bits: int, steps: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, image, image)
+    labels = torch.randint(0, 10, (batch,))
+    plain = gp.load_model(spec).train()
+    steppers = {"plain": _trainer(plain, x, labels), "graphpass": _trainer(gp.transform(plain, (x,), bits=bits), x, labels)}
+    ops, launches = {}, {}
+    for name, step in steppers.items():
+        for _ in range(2):
+            step()
+        LAUNCHES.clear()
+        with _OpCount() as count:
+            step()
+        ops[name], launches[name] = count.ops, dict(LAUNCHES)
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for i in range(steps):
+        for name, step in steppers.items():
+            start = time.thread_time()
+            step()
+            times[name].append((time.thread_time() - start) * 1e3)
+        if sys.stderr.isatty():
+            print(f"\rtimed {i + 1}/{steps} step pairs", end="", file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    return {
+        "eager ops per step": ops,
+        "Triton launches per step": launches,
+        "step ms (min)": {name: min(t) for name, t in times.items()},
+        "graphpass adds ms (median of paired differences)": statistics.median(
+            g - p for p, g in zip(times["plain"], times["graphpass"])
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="torchvision:resnet50")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--image", type=int, default=16)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=40, help="interleaved step pairs timed")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    take_cuda_path_on_cpu()
+    calls = per_call_us(args.bits)
+    print(f"host us per call, launch excluded ({args.bits}-bit, 8x64x16x16 float32):")
+    for name, us in calls.items():
+        print(f"  {us:7.1f}  {name}")
+    step = per_step(args.model, args.batch, args.image, args.bits, args.steps)
+    launches = step["Triton launches per step"]["graphpass"]
+    ops = step["eager ops per step"]
+    times = step["step ms (min)"]
+    print(f"{args.model}, batch {args.batch}, {args.image} px, one CPU thread, per training step:")
+    print(f"  eager ops: plain {ops['plain']}, graphpass {ops['graphpass']}")
+    print(f"  Triton launches: {sum(launches.values())} ({', '.join(f'{k} {v}' for k, v in sorted(launches.items()))})")
+    print(f"  step ms (min): plain {times['plain']:.1f}, graphpass {times['graphpass']:.1f}")
+    print(f"  graphpass adds {step['graphpass adds ms (median of paired differences)']:.1f} ms of host work (launches excluded)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"per call us": calls, **vars(args), **step}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
