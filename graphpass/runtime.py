@@ -788,7 +788,7 @@ class _Session:
     # -- the pack hook
 
     def pack(self, t: torch.Tensor) -> Any:
-        if t.numel() < MIN_PACKED_NUMEL or isinstance(t, nn.Parameter):  # most calls: no grad-mode switch
+        if t.numel() < MIN_PACKED_NUMEL or _is_parameter(t):  # most calls: no grad-mode switch
             return _store_as_is(t)
         return without_grad(self._pack, t)
 
@@ -877,6 +877,11 @@ def _store_as_is(t: torch.Tensor) -> torch.Tensor:
     return t.detach() if t.grad_fn is not None else t
 
 
+def _is_parameter(t: torch.Tensor) -> bool:
+    # nn.Parameter's isinstance goes through a Python metaclass hook: skip it for plain tensors.
+    return type(t) is nn.Parameter or (type(t) is not torch.Tensor and isinstance(t, nn.Parameter))
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -884,7 +889,7 @@ def _nbytes(t: torch.Tensor) -> int:
 def _keep_as_is(t: torch.Tensor) -> bool:
     """Parameters and their autocast copies, integers, statistics and tiny tensors stay exact."""
     numel = t.numel()
-    if numel < MIN_PACKED_NUMEL or isinstance(t, nn.Parameter):
+    if numel < MIN_PACKED_NUMEL or _is_parameter(t):
         return True
     if t.dtype == torch.bool:
         return False
