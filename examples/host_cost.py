@@ -100,6 +100,9 @@ def per_call_us(bits: int) -> dict[str, float]:
         "fused_norm_grad": lambda: quantize.fused_norm_grad(
             packed, grad, scale=tables[2], shift=tables[3], grad_scale=floats[2]
         ),
+        "batch_norm_backward (the two above, as the runtime calls them)": lambda: quantize.batch_norm_backward(
+            packed, grad, floats[2:]
+        ),
         "pack_groups": lambda: quantize.pack_groups(y, bits, group_size=256),
         "pack_positive_mask": lambda: quantize.pack_positive_mask(y),
     }

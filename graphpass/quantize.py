@@ -55,6 +55,7 @@ __all__ = [
     "layer_maps",
     "layer_tables",
     "batch_norm_grad_tables",
+    "batch_norm_backward",
     "LAYER_TABLE_ROWS",
     "NORM_GRAD_ROWS",
     "TINY_GAMMA",
@@ -448,10 +449,15 @@ def fused_norm_grad(
     1.5, step 7) without a full-size rebuild of its input.
     """
     flat_g, channels, inner = _grad_for(p, grad, "fused_norm_grad", backend)
-    dtype = grad.dtype if dtype is None else dtype
     tables = [_flat_float32(t, p.device) for t in (scale, shift, grad_scale)]
     if any(t.numel() != channels for t in tables):
         raise InputError(f"fused_norm_grad: scale, shift and grad_scale must have {channels} elements (one per channel)")
+    return _fused_norm_grad(p, flat_g, tables, channels, inner, grad.dtype if dtype is None else dtype, backend)
+
+
+def _fused_norm_grad(p: Packed, flat_g, tables, channels: int, inner: int, dtype: torch.dtype, backend) -> torch.Tensor:
+    """:func:`fused_norm_grad` on checked inputs: ``flat_g`` in ``p``'s memory order, ``tables`` flat
+    float32 [scale, shift, grad_scale]."""
     kernels = _kernels_for(p.codes, backend)
     if kernels is not None and p.numel > 0:
         out = kernels.anchored_unpack(
@@ -560,28 +566,73 @@ def batch_norm_grad_tables(
     ``v * scale + shift + grad_scale * grad`` so that one pass over the copy computes it. On CUDA,
     the channel sums and these tables take one launch.
     """
+    grad, channels, inner = _norm_grad_layout(stored, grad, "batch_norm_grad_tables", backend)
+    return _norm_grad_tables(stored, grad, _norm_floats(floats, channels, grad.device), channels, inner, backend)
+
+
+@_no_grad
+def batch_norm_backward(
+    stored: Packed | torch.Tensor,
+    grad: torch.Tensor,
+    floats: torch.Tensor,
+    *,
+    need_input_grad: bool = True,
+    dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """A BatchNorm's whole backward from its layer's stored tensor: ``(input grad or None, weight
+    grad, bias grad)``, the parameter gradients float32 and the input gradient in ``dtype`` (default
+    ``grad.dtype``). :func:`batch_norm_grad_tables`, then :func:`fused_norm_grad` (or its exact-tensor
+    form), with the inputs checked and laid out once: two passes over the copy, as the runtime runs
+    every compressed BatchNorm layer's backward."""
+    grad_in, channels, inner = _norm_grad_layout(stored, grad, "batch_norm_backward", backend)
+    floats = _norm_floats(floats, channels, grad.device)
+    grad_weight, grad_bias, scale, shift = _norm_grad_tables(stored, grad_in, floats, channels, inner, backend).unbind()
+    if not need_input_grad:
+        return None, grad_weight, grad_bias
+    dtype = grad.dtype if dtype is None else dtype
     if isinstance(stored, Packed):
-        flat_g, channels, inner = _grad_for(stored, grad, "batch_norm_grad_tables", backend)
-        numel = stored.numel
-    else:
-        channels, numel = stored.shape[1], stored.numel()
-        if grad.shape != stored.shape:
-            raise InputError(f"batch_norm_grad_tables: grad must have the shape {tuple(stored.shape)}, got {tuple(grad.shape)}")
+        return _fused_norm_grad(stored, grad_in, [scale, shift, floats[0]], channels, inner, dtype, backend), grad_weight, grad_bias
+    g32 = grad.float()
+    grad_x = stored.float() * _channel_view(scale, g32) + _channel_view(shift, g32) + g32 * _channel_view(floats[0], g32)
+    return grad_x.to(dtype), grad_weight, grad_bias
+
+
+def _norm_grad_layout(stored: Packed | torch.Tensor, grad: torch.Tensor, where: str, backend: str | None):
+    """(grad as the reductions read it, channels, inner): flat in the copy's memory order for a
+    Packed copy (:func:`_grad_for`), as it is for an exact tensor (channels on dimension 1)."""
+    if isinstance(stored, Packed):
+        return _grad_for(stored, grad, where, backend)
+    _check_backend(backend)
+    if grad.shape != stored.shape:
+        raise InputError(f"{where}: grad must have the shape {tuple(stored.shape)}, got {tuple(grad.shape)}")
+    return grad, stored.shape[1], 0
+
+
+def _norm_floats(floats: torch.Tensor, channels: int, device: torch.device) -> torch.Tensor:
     if floats.shape != (3, channels):
-        raise InputError(f"batch_norm_grad_tables: floats must be a (3, {channels}) table (grad_scale, a, center), got {tuple(floats.shape)}")
-    floats = _dense(floats, grad.device, torch.float32)
+        raise InputError(f"BatchNorm backward: floats must be a (3, {channels}) table (grad_scale, a, center), got {tuple(floats.shape)}")
+    return _dense(floats, device, torch.float32)
+
+
+def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.view((1, -1) + (1,) * (like.dim() - 2))
+
+
+def _norm_grad_tables(stored: Packed | torch.Tensor, grad, floats, channels: int, inner: int, backend) -> torch.Tensor:
+    """:func:`batch_norm_grad_tables` on inputs laid out by :func:`_norm_grad_layout` and checked."""
+    numel = stored.numel if isinstance(stored, Packed) else stored.numel()
     neg_inv_count = -channels / numel if numel else 0.0
     if isinstance(stored, Packed):
         kernels = _kernels_for(stored.codes, backend)
         if kernels is not None and numel > 0:
             s = stored
-            return kernels.batch_norm_grad_tables(s.codes, s.flags, s.grid, s.bits, flat_g, floats, neg_inv_count, channels, inner, numel)
-        sum_g, sum_gv = _channel_sums_torch(stored, flat_g, floats[2], channels, inner)
+            return kernels.batch_norm_grad_tables(s.codes, s.flags, s.grid, s.bits, grad, floats, neg_inv_count, channels, inner, numel)
+        sum_g, sum_gv = _channel_sums_torch(stored, grad, floats[2], channels, inner)
     else:
         dims = [0, *range(2, grad.dim())]
         g32 = grad.float()
-        view = (1, -1) + (1,) * (grad.dim() - 2)
-        sum_g, sum_gv = g32.sum(dims), (g32 * (stored.float() - floats[2].view(view))).sum(dims)
+        sum_g, sum_gv = g32.sum(dims), (g32 * (stored.float() - _channel_view(floats[2], g32))).sum(dims)
     grad_scale, a, center = floats
     sum_gx = sum_gv * a
     b = -center * a  # x_hat = v * a + b

@@ -66,8 +66,7 @@ from graphpass.quantize import (
     Packed,
     aligned_rows,
     apply_epilogue,
-    batch_norm_grad_tables,
-    fused_norm_grad,
+    batch_norm_backward,
     layer_maps,
     layer_tables,
     pack_anchored,
@@ -463,20 +462,9 @@ class _Layer:
 
     def norm_backward(self, grad: torch.Tensor, need_input_grad: bool, input_dtype: torch.dtype):
         """BatchNorm backward from the stored copy: (input grad, weight grad, bias grad), float32
-        parameter gradients (:func:`graphpass.quantize.batch_norm_grad_tables`)."""
+        parameter gradients (:func:`graphpass.quantize.batch_norm_backward`)."""
         self.cache = None  # the activation output's backward ran before this one: nothing reads it again
-        stored = self.stored
-        grad_weight, grad_bias, scale, shift = batch_norm_grad_tables(stored, grad, self.norm_floats).unbind()
-        if not need_input_grad:
-            return None, grad_weight, grad_bias
-        grad_scale = self.norm_floats[0]
-        if isinstance(stored, Packed):
-            grad_x = fused_norm_grad(stored, grad, scale=scale, shift=shift, grad_scale=grad_scale, dtype=input_dtype)
-        else:
-            g32 = grad.float()
-            grad_x = (stored.float() * _channel(scale, g32) + _channel(shift, g32) + g32 * _channel(grad_scale, g32))
-            grad_x = grad_x.to(input_dtype)
-        return grad_x, grad_weight, grad_bias
+        return batch_norm_backward(self.stored, grad, self.norm_floats, need_input_grad=need_input_grad, dtype=input_dtype)
 
     def _epilogue(self, role: str) -> dict[str, Any]:
         """How ``role`` follows from the stored tensor: activation(stored) * scale + shift."""

@@ -15,6 +15,7 @@ from graphpass.quantize import (
     Activation,
     Packed,
     anchored_grid,
+    batch_norm_backward,
     batch_norm_grad_tables,
     channel_sums,
     fused_norm_grad,
@@ -512,6 +513,12 @@ def _check_bn_backward(stored, channel_dim, grad, floats, backend=None):
         got = fused_norm_grad(stored, grad, scale=tables[2], shift=tables[3], grad_scale=floats[0], backend=backend)
     else:
         got = stored * tables[2].view(view) + tables[3].view(view) + grad * floats[0].view(view)
+    # batch_norm_backward, the runtime's one call per layer, is exactly these two steps.
+    grad_x, grad_weight, grad_bias = batch_norm_backward(stored, grad, floats, backend=backend)
+    _assert_same_values(grad_x, got)
+    _assert_same_values(grad_weight, tables[0])
+    _assert_same_values(grad_bias, tables[1])
+    assert batch_norm_backward(stored, grad, floats, need_input_grad=False, backend=backend)[0] is None
     # A channel holding NaN/Inf has no finite sums; its input gradient must not come out finite.
     finite = torch.isfinite(v).all(dims).cpu()
     close = dict(rtol=1e-5, atol=1e-4)
