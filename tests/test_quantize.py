@@ -407,6 +407,9 @@ def test_norm_backward_from_the_copy_equals_a_full_unpack(layout, chunk, monkeyp
 def test_norm_backward_reads_a_grad_in_another_layout():
     p, channel_dim, grad, center, tables = _norm_backward_case("channels_last")
     _check_norm_backward(p, channel_dim, grad.contiguous(), center, tables, backend="torch")
+    # and the other way round: a contiguous copy, a channels_last gradient (not the one-view case)
+    p, channel_dim, grad, center, tables = _norm_backward_case("nchw")
+    _check_norm_backward(p, channel_dim, grad.contiguous(memory_format=torch.channels_last), center, tables, backend="torch")
 
 
 def test_norm_backward_bad_arguments_are_clear_errors():
