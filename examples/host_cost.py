@@ -11,8 +11,9 @@ it. Tiny inputs keep the CPU's own compute small; saved tensors down to 64 eleme
 as the full-size step packs them. It reports:
 
 - microseconds per call of the runtime's per-layer functions (the launch itself excluded);
-- per training step (SGD with momentum): Triton launches by kernel and eager ops dispatched, plain
-  against graphpass (on a GPU host each launch costs about 40 us and each eager op about 10 us);
+- per training step (SGD with momentum): Triton launches by kernel, eager ops dispatched and Python
+  function calls (cProfile's count, builtins included), plain against graphpass (on a GPU host each
+  launch costs about 40 us and each eager op about 10 us). These counts do not vary between runs;
 - step time, plain against graphpass, interleaved; the difference is the host work graphpass
   adds, less the launches. It varies by several milliseconds from run to run on a shared machine:
   compare versions in alternating runs.
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -127,7 +130,7 @@ def per_step(spec: str, batch: int, image: int, bits: int, steps: int) -> dict[s
     labels = torch.randint(0, 10, (batch,))
     plain = gp.load_model(spec).train()
     steppers = {"plain": _trainer(plain, x, labels), "graphpass": _trainer(gp.transform(plain, (x,), bits=bits), x, labels)}
-    ops, launches = {}, {}
+    ops, launches, calls = {}, {}, {}
     for name, step in steppers.items():
         for _ in range(2):
             step()
@@ -135,6 +138,9 @@ def per_step(spec: str, batch: int, image: int, bits: int, steps: int) -> dict[s
         with _OpCount() as count:
             step()
         ops[name], launches[name] = count.ops, dict(LAUNCHES)
+        profiler = cProfile.Profile()
+        profiler.runcall(step)
+        calls[name] = pstats.Stats(profiler).total_calls
     times: dict[str, list[float]] = {name: [] for name in steppers}
     for i in range(steps):
         for name, step in steppers.items():
@@ -147,6 +153,7 @@ def per_step(spec: str, batch: int, image: int, bits: int, steps: int) -> dict[s
         print(file=sys.stderr)
     return {
         "eager ops per step": ops,
+        "Python function calls per step": calls,
         "Triton launches per step": launches,
         "step ms (min)": {name: min(t) for name, t in times.items()},
         "graphpass adds ms (median of paired differences)": statistics.median(
@@ -176,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     times = step["step ms (min)"]
     print(f"{args.model}, batch {args.batch}, {args.image} px, one CPU thread, per training step:")
     print(f"  eager ops: plain {ops['plain']}, graphpass {ops['graphpass']}")
+    calls = step["Python function calls per step"]
+    print(f"  Python function calls: plain {calls['plain']}, graphpass {calls['graphpass']}")
     print(f"  Triton launches: {sum(launches.values())} ({', '.join(f'{k} {v}' for k, v in sorted(launches.items()))})")
     print(f"  step ms (min): plain {times['plain']:.1f}, graphpass {times['graphpass']:.1f}")
     print(f"  graphpass adds {step['graphpass adds ms (median of paired differences)']:.1f} ms of host work (launches excluded)")
