@@ -594,7 +594,8 @@ def batch_norm_backward(
     if isinstance(stored, Packed):
         return _fused_norm_grad(stored, grad_in, [scale, shift, floats[0]], channels, inner, dtype, backend), grad_weight, grad_bias
     g32 = grad.float()
-    grad_x = stored.float() * _channel_view(scale, g32) + _channel_view(shift, g32) + g32 * _channel_view(floats[0], g32)
+    view = _table_shape(g32.shape, 1, channels)
+    grad_x = stored.float() * scale.view(view) + shift.view(view) + g32 * floats[0].view(view)
     return grad_x.to(dtype), grad_weight, grad_bias
 
 
@@ -615,10 +616,6 @@ def _norm_floats(floats: torch.Tensor, channels: int, device: torch.device) -> t
     return _dense(floats, device, torch.float32)
 
 
-def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.view((1, -1) + (1,) * (like.dim() - 2))
-
-
 def _norm_grad_tables(stored: Packed | torch.Tensor, grad, floats, channels: int, inner: int, backend) -> torch.Tensor:
     """:func:`batch_norm_grad_tables` on inputs laid out by :func:`_norm_grad_layout` and checked."""
     numel = stored.numel if isinstance(stored, Packed) else stored.numel()
@@ -632,7 +629,8 @@ def _norm_grad_tables(stored: Packed | torch.Tensor, grad, floats, channels: int
     else:
         dims = [0, *range(2, grad.dim())]
         g32 = grad.float()
-        sum_g, sum_gv = g32.sum(dims), (g32 * (stored.float() - _channel_view(floats[2], g32))).sum(dims)
+        view = _table_shape(g32.shape, 1, channels)
+        sum_g, sum_gv = g32.sum(dims), (g32 * (stored.float() - floats[2].view(view))).sum(dims)
     grad_scale, a, center = floats
     sum_gx = sum_gv * a
     b = -center * a  # x_hat = v * a + b

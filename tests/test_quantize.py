@@ -600,6 +600,7 @@ def test_channel_index_division_is_exact_over_int32():
             if n >= 0:
                 assert ((2 * n * m) >> 32) >> s == n // d, (n, d)
 
+
 @pytest.mark.skipif(not triton_available(), reason="triton cannot be imported here")
 def test_host_integer_helpers_match_triton():
     """The wrappers size their launches with plain-Python stand-ins for triton.cdiv and
@@ -613,7 +614,6 @@ def test_host_integer_helpers_match_triton():
         for d in [1, 2, 3, 8, 1024, 4096]:
             assert _cdiv(n, d) == triton.cdiv(n, d), (n, d)
     assert _cdiv(0, 7) == 0
-
 
 
 # Without NaN/Inf the PyTorch path on a real CPU tensor skips its special-value steps; both forms
