@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import cProfile
 import json
 import pstats
@@ -38,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import graphpass as gp
 import graphpass.quantize as quantize
 import graphpass.runtime as runtime
+from graphpass.files import atomic_output
 
 try:
     import triton
@@ -171,26 +173,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="interleaved step pairs timed")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    take_cuda_path_on_cpu()
-    calls = per_call_us(args.bits)
-    print(f"host us per call, launch excluded ({args.bits}-bit, 8x64x16x16 float32):")
-    for name, us in calls.items():
-        print(f"  {us:7.1f}  {name}")
-    step = per_step(args.model, args.batch, args.image, args.bits, args.steps)
-    launches = step["Triton launches per step"]["graphpass"]
-    ops = step["eager ops per step"]
-    times = step["step ms (min)"]
-    print(f"{args.model}, batch {args.batch}, {args.image} px, one CPU thread, per training step:")
-    print(f"  eager ops: plain {ops['plain']}, graphpass {ops['graphpass']}")
-    calls = step["Python function calls per step"]
-    print(f"  Python function calls: plain {calls['plain']}, graphpass {calls['graphpass']}")
-    print(f"  Triton launches: {sum(launches.values())} ({', '.join(f'{k} {v}' for k, v in sorted(launches.items()))})")
-    print(f"  step ms (min): plain {times['plain']:.1f}, graphpass {times['graphpass']:.1f}")
-    print(f"  graphpass adds {step['graphpass adds ms (median of paired differences)']:.1f} ms of host work (launches excluded)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"per call us": calls, **vars(args), **step}, f, indent=2)
+    # Opened first, like graphpass bench's: a bad path fails before the minute of measuring.
+    json_out = atomic_output(args.json, suffixes=(".json",)) if args.json else contextlib.nullcontext()
+    with json_out as tmp:
+        torch.set_num_threads(1)
+        take_cuda_path_on_cpu()
+        per_call = per_call_us(args.bits)
+        print(f"host us per call, launch excluded ({args.bits}-bit, 8x64x16x16 float32):")
+        for name, us in per_call.items():
+            print(f"  {us:7.1f}  {name}")
+        step = per_step(args.model, args.batch, args.image, args.bits, args.steps)
+        launches = step["Triton launches per step"]["graphpass"]
+        ops = step["eager ops per step"]
+        calls = step["Python function calls per step"]
+        times = step["step ms (min)"]
+        print(f"{args.model}, batch {args.batch}, {args.image} px, one CPU thread, per training step:")
+        print(f"  eager ops: plain {ops['plain']}, graphpass {ops['graphpass']}")
+        print(f"  Python function calls: plain {calls['plain']}, graphpass {calls['graphpass']}")
+        print(f"  Triton launches: {sum(launches.values())} ({', '.join(f'{k} {v}' for k, v in sorted(launches.items()))})")
+        print(f"  step ms (min): plain {times['plain']:.1f}, graphpass {times['graphpass']:.1f}")
+        print(f"  graphpass adds {step['graphpass adds ms (median of paired differences)']:.1f} ms of host work (launches excluded)")
+        if tmp is not None:
+            tmp.write_text(json.dumps({"per call us": per_call, **vars(args), **step}, indent=2) + "\n")
     return 0
 
 

@@ -99,6 +99,7 @@ def test_host_cost_runs_the_cuda_path_with_counted_launches(tmp_path):
     )  # fmt: skip
     doc = json.loads(out.read_text())
     assert all(us > 0 for us in doc["per call us"].values())
+    assert {"pack_anchored", "batch_norm_grad_tables", "pack_groups"} <= set(doc["per call us"])
     # One table launch and one pack per BatchNorm layer forward, one reduction per layer backward:
     # the runtime took its CUDA path on CPU tensors for each of resnet18's 20 BatchNorm layers.
     launches = doc["Triton launches per step"]["graphpass"]
