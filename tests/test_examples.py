@@ -105,5 +105,7 @@ def test_host_cost_runs_the_cuda_path_with_counted_launches(tmp_path):
     launches = doc["Triton launches per step"]["graphpass"]
     assert launches["layer_tables"] == launches["anchored_pack"] == launches["anchored_channel_sums"] == 20
     assert doc["Triton launches per step"]["plain"] == {}
+    # Each launch ran Triton's own launch work (JITFunction.run against the stub driver).
+    assert doc["launches"] == "Triton's launch work, no driver call"
     assert doc["eager ops per step"]["graphpass"] > doc["eager ops per step"]["plain"] > 0
     assert doc["Python function calls per step"]["graphpass"] > doc["Python function calls per step"]["plain"] > 0
