@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from graphpass.quantize import _FLOAT32_MAX, FLAG_BLOCK, TINY_GAMMA, TINY_STEP, _level_reciprocals
+from graphpass.triton_launch import direct_launch
 
 __all__ = [
     "group_pack",
@@ -83,6 +84,7 @@ def _anchored_grid(mean, std, N: tl.constexpr, TINY: tl.constexpr):
 # ----------------------------------------------------------------------------- group layout
 
 
+@direct_launch
 @triton.jit
 def _group_pack_kernel(
     x_ptr, codes_ptr, scales_ptr, flags_ptr, numel, num_groups, seed,
@@ -131,6 +133,7 @@ def _group_pack_kernel(
     tl.store(flags_ptr + group, flagged.to(tl.uint8), mask=in_range)
 
 
+@direct_launch
 @triton.jit
 def _group_unpack_kernel(
     codes_ptr, scales_ptr, flags_ptr, out_ptr, numel, num_groups,
@@ -200,6 +203,7 @@ def group_unpack(codes, scales, flags, bits: int, group_size: int, numel: int, d
 # ----------------------------------------------------------------------------- anchored layout
 
 
+@direct_launch
 @triton.jit
 def _anchored_table_kernel(mean_ptr, std_ptr, table_ptr, channels, N: tl.constexpr, TINY: tl.constexpr, BLOCK: tl.constexpr):
     # Per-channel rows [step, 1/step, shift]: computed once so the element kernels only gather.
@@ -259,6 +263,7 @@ def _channel_of(offs, channels, inner, ch_magic, ch_shift, in_magic, in_shift, W
 _DIVISORS = ["ch_magic", "ch_shift", "in_magic", "in_shift"]  # runtime values: no recompiles per shape
 
 
+@direct_launch
 @triton.jit(do_not_specialize=_DIVISORS)
 def _anchored_pack_kernel(
     x_ptr, codes_ptr, flags_ptr, table_ptr, numel, channels, inner, ch_magic, ch_shift, in_magic, in_shift, seed,
@@ -331,6 +336,7 @@ def _activate(v, ACTIVATION: tl.constexpr, negative_slope, ON_CUDA: tl.constexpr
 _SAMPLE_DIVISORS = ["n_magic", "n_shift", "bi_magic", "bi_shift"]
 
 
+@direct_launch
 @triton.jit(do_not_specialize=_DIVISORS + _SAMPLE_DIVISORS)
 def _anchored_unpack_kernel(
     codes_ptr, flags_ptr, table_ptr, scale_ptr, shift_ptr, grad_ptr, grad_scale_ptr, out_ptr, numel, channels, inner,
@@ -372,6 +378,7 @@ def _anchored_decode(code, flagged, table_row, BITS: tl.constexpr):
     return tl.where(flagged & ((code == 0) | (code >= N - 2)), special, value)
 
 
+@direct_launch
 @triton.jit
 def _anchored_channel_sums_kernel(
     codes_ptr, flags_ptr, table_ptr, grad_ptr, center_ptr, sums_ptr, channels, inner, rows, rows_per_program,
@@ -528,6 +535,7 @@ def anchored_unpack(
 _TABLE_BLOCK = 1024
 
 
+@direct_launch
 @triton.jit
 def _layer_tables_kernel(
     mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, grid_ptr, floats_ptr, channels,
@@ -581,6 +589,7 @@ def layer_tables(mean, rstd, gamma, beta, bits: int | None, store_output: bool):
 # ----------------------------------------------------------------------------- 1-bit mask
 
 
+@direct_launch
 @triton.jit
 def _mask_pack_kernel(m_ptr, codes_ptr, numel, BLOCK: tl.constexpr, WIDE: tl.constexpr, FROM_FLOAT: tl.constexpr):
     _, byte, lane, offs = _block_offsets(1, BLOCK, WIDE)
@@ -592,6 +601,7 @@ def _mask_pack_kernel(m_ptr, codes_ptr, numel, BLOCK: tl.constexpr, WIDE: tl.con
     tl.store(codes_ptr + byte, tl.sum(bit << lane[None, :], axis=1).to(tl.uint8), mask=byte * 8 < numel)
 
 
+@direct_launch
 @triton.jit
 def _mask_unpack_kernel(codes_ptr, m_ptr, numel, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     _, byte, lane, offs = _block_offsets(1, BLOCK, WIDE)

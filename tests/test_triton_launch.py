@@ -1,0 +1,174 @@
+"""Direct launches of compiled Triton kernels (graphpass.triton_launch), checked against Triton's own
+launch on the CPU: a stub driver stands in for the GPU, and stub compiled kernels record the call
+each launch makes to them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import graphpass.triton_kernels as kernels  # noqa: E402
+import graphpass.triton_launch as triton_launch  # noqa: E402
+from graphpass.triton_launch import DirectLaunch  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+# The metadata and hook slots of a compiled kernel's call: a direct launch passes None in all three.
+HEAD, HOOKS = 6, slice(6, 9)
+
+
+@pytest.fixture
+def stub_driver():
+    driver = triton.runtime.driver
+    previous = getattr(driver, "_active", None)
+    driver.set_active(triton_launch.StubDriver())
+    yield
+    driver.set_active(previous)
+
+
+class Recorder:
+    """The calls stub compiled kernels receive, with the stub each went to."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, tuple]] = []
+
+    def __call__(self, stub, call) -> None:
+        self.calls.append((stub, call))
+
+
+def _unpack_launch(numel: int = 8 * 64 * 256, channels: int = 64, inner: int = 256, offset: int = 0):
+    """The arguments graphpass.triton_kernels.anchored_unpack gives its kernel (ReLU epilogue)."""
+    codes = torch.zeros(numel // 2, dtype=torch.uint8)
+    flags = torch.zeros(numel // 512, dtype=torch.uint8)
+    grid = torch.rand(channels, 3)
+    out = torch.empty(numel + offset)[offset:]
+    magic = kernels._magic
+    args = (
+        codes, flags, grid, grid, grid, grid, grid, out, numel, channels, inner, *magic(channels), *magic(inner),
+        1, 1, *magic(1), *magic(1), 0.0,
+    )  # fmt: skip
+    kwargs = dict(
+        BITS=4, BLOCK=512, WIDE=False, INNER_IS_ONE=False, ACTIVATION=1, AFFINE=False, PER_SAMPLE=False,
+        BATCH_INNER_IS_ONE=True, ON_CUDA=True, ADD_GRAD=False, num_warps=4,
+    )  # fmt: skip
+    return (numel // 512,), args, kwargs
+
+
+def _direct(recorder: Recorder) -> DirectLaunch:
+    return DirectLaunch(triton_launch.stub_compiles(kernels._anchored_unpack_kernel, recorder))
+
+
+def _through_triton_count(launcher: DirectLaunch, monkeypatch) -> list[int]:
+    count = [0]
+    run = launcher.fn.run
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(launcher.fn, "run", counted)
+    return count
+
+
+def test_direct_launch_calls_the_compiled_kernel_as_triton_does(stub_driver, monkeypatch):
+    recorder = Recorder()
+    launcher = _direct(recorder)
+    through_triton = _through_triton_count(launcher, monkeypatch)
+    grid, args, kwargs = _unpack_launch()
+    for _ in range(4):
+        launcher[grid](*args, **kwargs)
+    # Triton compiles (1st), Triton again while its call is recorded (2nd), then direct calls.
+    assert through_triton[0] == 2 and len(recorder.calls) == 4
+    reference_stub, reference = recorder.calls[1]
+    for stub, call in recorder.calls[2:]:
+        assert stub is reference_stub  # the kernel Triton picked for these arguments
+        assert call[HOOKS] == (None, None, None)
+        assert len(call) == len(reference)
+        assert all(a is b or a == b for a, b in zip(call[:HEAD] + call[9:], reference[:HEAD] + reference[9:]))
+    # The arguments: the kernel's runtime arguments, then its constexprs in signature order.
+    assert call[9 : 9 + len(args)] == args and call[9 + len(args) :] == (4, 512, False, False, 1, False, False, True, True, False)
+
+
+def test_a_key_never_stands_for_two_specializations(stub_driver, monkeypatch):
+    recorder = Recorder()
+    launcher = _direct(recorder)
+    through_triton = _through_triton_count(launcher, monkeypatch)
+    grid, args, kwargs = _unpack_launch()
+    for _ in range(3):
+        launcher[grid](*args, **kwargs)
+    aligned_stub = recorder.calls[-1][0]
+    # An output 4 bytes off 16-byte alignment, a specialized integer (numel) no longer a multiple of 16,
+    # and another constexpr each make Triton compile another kernel: the key must tell them apart.
+    variants = [_unpack_launch(offset=1), _unpack_launch(numel=8 * 64 * 256 + 8), (grid, args, {**kwargs, "ACTIVATION": 2})]
+    for v_grid, v_args, v_kwargs in variants:
+        before = through_triton[0]
+        launcher[v_grid](*v_args, **v_kwargs)
+        assert through_triton[0] == before + 1  # a new key goes through Triton
+        assert recorder.calls[-1][0] is not aligned_stub
+    # Specialized integers are keyed by value, finer than Triton: another multiple of 16 is a new key
+    # for the same compiled kernel.
+    launcher[grid](*_unpack_launch(numel=8 * 64 * 256 + 512)[1], **kwargs)
+    assert recorder.calls[-1][0] is aligned_stub and len(launcher._entries) == 5
+    # Unspecialized integers (the division magics) change freely within one width: no new key.
+    magic_args = list(args)
+    magic_args[11] += 1
+    launcher[grid](*magic_args, **kwargs)
+    assert len(launcher._entries) == 5 and recorder.calls[-1][0] is aligned_stub
+
+
+def test_launch_hooks_send_every_launch_through_triton(stub_driver, monkeypatch):
+    knobs = pytest.importorskip("triton.knobs")
+    recorder = Recorder()
+    launcher = _direct(recorder)
+    through_triton = _through_triton_count(launcher, monkeypatch)
+    grid, args, kwargs = _unpack_launch()
+    for _ in range(3):
+        launcher[grid](*args, **kwargs)
+    assert through_triton[0] == 2
+    hook = knobs.runtime.launch_enter_hook
+    if hasattr(hook, "add"):  # a HookChain (newer Triton)
+
+        def profiler(metadata):
+            return None
+
+        hook.add(profiler)
+        try:
+            launcher[grid](*args, **kwargs)
+        finally:
+            hook.remove(profiler)
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda metadata: None)
+        launcher[grid](*args, **kwargs)
+        monkeypatch.undo()
+    assert through_triton[0] == 3 and recorder.calls[-1][1][HOOKS] != (None, None, None)
+
+
+def test_a_triton_that_calls_its_kernels_otherwise_keeps_launching_through_triton(stub_driver, monkeypatch):
+    recorder = Recorder()
+    launcher = _direct(recorder)
+    run = triton.runtime.JITFunction.run
+
+    def run_with_an_extra_argument(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        if not warmup:
+            kernel.run(*grid, 1, 1, 0, kernel.function, kernel.packed_metadata, None, None, None, "extra", *args)
+        return kernel
+
+    monkeypatch.setattr(triton.runtime.JITFunction, "run", run_with_an_extra_argument)
+    grid, args, kwargs = _unpack_launch()
+    for _ in range(4):
+        launcher[grid](*args, **kwargs)
+    assert launcher._direct is False and not launcher._entries
+    assert len(recorder.calls) == 4 and all(call[9] == "extra" for _, call in recorder.calls)
+
+
+def test_graphpass_kernels_launch_directly_unless_turned_off(monkeypatch):
+    kernel = kernels._mask_unpack_kernel  # interpreted here (TRITON_INTERPRET=1), a DirectLaunch on a GPU
+    interpreted = kernel if isinstance(kernel, triton.runtime.interpreter.InterpretedFunction) else None
+    jit = triton.runtime.JITFunction(kernel.fn if interpreted else kernel.fn.fn)
+    assert isinstance(triton_launch.direct_launch(jit), DirectLaunch)
+    if interpreted is not None:  # interpreted kernels launch as they are
+        assert triton_launch.direct_launch(interpreted) is interpreted
+    monkeypatch.setattr(triton_launch, "ENABLED", False)  # GRAPHPASS_DIRECT_LAUNCH=0
+    assert triton_launch.direct_launch(jit) is jit
