@@ -6,11 +6,13 @@
 On a fast GPU a transformed training step is bound by the host: Python hooks, eager ops and
 Triton launches, not kernels (see ``examples/profile_step.py``). This script runs the same host
 code on the CPU: tensors stay on the CPU and the runtime takes its CUDA path (the Triton wrappers,
-their argument work and allocations). Each Triton launch runs Triton's own launch work for real
-(``JITFunction.run``: binding and specializing the arguments, the cache key, the lookup) against a
-stub driver for an H100 target, and stops where the compiled kernel would reach the driver: it
-counts itself instead. Where this Triton's internals differ from what the stub needs, launches
-are counted no-ops and their work is left out (the output says which). Tiny inputs keep the CPU's
+their argument work and allocations). Each Triton launch does its host work for real, against a
+stub driver for an H100 target (:mod:`graphpass.triton_launch`), and stops where the compiled
+kernel would reach the driver: it counts itself instead. That work is graphpass's direct launch
+once checked, as on a GPU, or with ``GRAPHPASS_DIRECT_LAUNCH=0`` Triton's own ``JITFunction.run``
+(binding and specializing the arguments, the cache key, the lookup). Where this Triton's internals
+differ from what the stub needs, launches are counted no-ops and their work is left out (the
+output says which). Tiny inputs keep the CPU's
 own compute small; saved tensors down to 64 elements are packed, as the full-size step packs them.
 It reports:
 
@@ -20,7 +22,10 @@ It reports:
   not vary between runs;
 - step time, plain against graphpass, interleaved; the difference is the host work graphpass
   adds. It varies by several milliseconds from run to run on a shared machine: compare versions
-  in alternating runs.
+  in alternating runs;
+- the host time inside Triton launches per step, graphpass's direct launches against the same
+  model's steps launching through ``JITFunction.run``, interleaved with the others: their paired
+  difference is what direct launches save.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ try:
     import triton.runtime.interpreter
 
     import graphpass.triton_kernels as kernels
+    import graphpass.triton_launch as triton_launch
 except ImportError:  # the CUDA path needs the Triton wrappers, if not their launches
     sys.exit("host_cost.py needs triton installed (its kernels are not launched)")
 
@@ -69,73 +75,63 @@ class _CountedLaunch:
         return launch
 
 
-class _StubDriver:
-    """Triton's active driver on a machine without a GPU: device 0, stream 0, an H100's target."""
-
-    def __init__(self) -> None:
-        from triton.backends.compiler import GPUTarget
-
-        self.target = GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self) -> int:
-        return 0
-
-    def get_current_stream(self, device: int | None = None) -> int:
-        return 0
-
-    def get_current_target(self):
-        return self.target
+THROUGH_TRITON = "graphpass, launches through Triton"
+KERNEL_TABLES: dict[str, dict[str, object]] = {}  # per graphpass stepper: the kernels module's launchers
+LAUNCH_SECONDS = [0.0]  # host time inside kernel[grid](...) since last reset
 
 
-class _StubKernel:
-    """A compiled kernel in a JITFunction's cache whose launch counts itself instead of calling the driver."""
+class _TimedLaunch:
+    """``kernel[grid](...)`` adding its host time to LAUNCH_SECONDS."""
 
-    function = None
-    packed_metadata = None
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
 
-    def launch_metadata(self, grid, stream, *args) -> None:
-        return None
+        def timed(*args, **kwargs) -> None:
+            start = time.perf_counter()
+            launch(*args, **kwargs)
+            LAUNCH_SECONDS[0] += time.perf_counter() - start
 
-    def run(self, *args) -> None:
-        LAUNCHES[self.name] += 1
-
-
-def _stub_launched(kernel, name: str):
-    """``kernel`` (a JITFunction, or the interpreter's stand-in for one) as a JITFunction whose
-    compiles put a :class:`_StubKernel` in its cache, so every launch runs Triton's launch work."""
-    if isinstance(kernel, triton.runtime.interpreter.InterpretedFunction):
-        kernel = triton.runtime.JITFunction(kernel.fn, **kernel.kwargs)
-
-    def compile_stub(key, signature, device, *args, **kwargs):
-        stub = kernel.device_caches[device][0][key] = _StubKernel(name)
-        return stub
-
-    kernel._do_compile = compile_stub
-    return kernel
+        return timed
 
 
 def take_cuda_path_on_cpu() -> str:
-    """Route the runtime's CUDA path onto CPU tensors; returns how launches are handled."""
-    kernel_types = (triton.runtime.JITFunction, triton.runtime.interpreter.InterpretedFunction)
-    names = [name for name in dir(kernels) if isinstance(getattr(kernels, name), kernel_types)]
+    """Route the runtime's CUDA path onto CPU tensors; returns how launches are handled. Fills
+    KERNEL_TABLES: "graphpass" launches as graphpass does on a GPU (directly, once checked), and
+    THROUGH_TRITON, when direct launches are on, through Triton's JITFunction.run every time."""
+    kernel_types = (
+        triton.runtime.JITFunction, triton.runtime.interpreter.InterpretedFunction, triton_launch.DirectLaunch
+    )  # fmt: skip
+    names = [n for n in dir(kernels) if n.endswith("_kernel") and isinstance(getattr(kernels, n), kernel_types)]
     mode = "Triton's launch work, no driver call"
     try:
-        triton.runtime.driver.set_active(_StubDriver())
-        stubbed = {name: _stub_launched(getattr(kernels, name), _label(name)) for name in names}
-        if not all(hasattr(k, "device_caches") and hasattr(k, "_do_compile") for k in stubbed.values()):
-            raise AttributeError("JITFunction.device_caches/_do_compile")
+        triton.runtime.driver.set_active(triton_launch.StubDriver())
+        stubbed = {name: triton_launch.stub_compiles(getattr(kernels, name), _counter(_label(name))) for name in names}
+        KERNEL_TABLES["graphpass"] = {name: triton_launch.direct_launch(k) for name, k in stubbed.items()}
+        if triton_launch.ENABLED:
+            KERNEL_TABLES[THROUGH_TRITON] = stubbed
     except (AttributeError, ImportError, TypeError) as e:
         print(f"this Triton's launch internals differ ({e}): launches are counted no-ops", file=sys.stderr)
-        stubbed = {name: _CountedLaunch(_label(name)) for name in names}
+        KERNEL_TABLES["graphpass"] = {name: _CountedLaunch(_label(name)) for name in names}
         mode = "counted no-ops (launch work excluded)"
-    for name, kernel in stubbed.items():
-        setattr(kernels, name, kernel)
+    _use_kernels("graphpass")
     quantize._kernels_for = _cuda_path
     runtime.MIN_PACKED_NUMEL = 64  # tiny tensors take the paths full-size ones take
     return mode
+
+
+def _counter(name: str):
+    def count(stub, call) -> None:
+        LAUNCHES[name] += 1
+
+    return count
+
+
+def _use_kernels(table: str, timed: bool = False) -> None:
+    for name, kernel in KERNEL_TABLES[table].items():
+        setattr(kernels, name, _TimedLaunch(kernel) if timed else kernel)
 
 
 def _cuda_path(t: torch.Tensor, backend: str | None):
@@ -207,9 +203,19 @@ def per_step(spec: str, batch: int, image: int, bits: int, steps: int) -> dict[s
     x = torch.randn(batch, 3, image, image)
     labels = torch.randint(0, 10, (batch,))
     plain = gp.load_model(spec).train()
-    steppers = {"plain": _trainer(plain, x, labels), "graphpass": _trainer(gp.transform(plain, (x,), bits=bits), x, labels)}
+    graphpass_step = _trainer(gp.transform(plain, (x,), bits=bits), x, labels)
+    steppers = {"plain": _trainer(plain, x, labels)}
+    timed = [False]  # launches time themselves in the timing rounds only, not in the counts
+    for table in KERNEL_TABLES:  # the same model, launching as graphpass does or through Triton
+
+        def step(table: str = table) -> None:
+            _use_kernels(table, timed[0])
+            graphpass_step()
+
+        steppers[table] = step
     ops, launches, calls = {}, {}, {}
-    for name, step in steppers.items():
+    for name in ("plain", "graphpass"):
+        step = steppers[name]
         for _ in range(2):
             step()
         LAUNCHES.clear()
@@ -219,25 +225,40 @@ def per_step(spec: str, batch: int, image: int, bits: int, steps: int) -> dict[s
         profiler = cProfile.Profile()
         profiler.runcall(step)
         calls[name] = pstats.Stats(profiler).total_calls
+    timed[0] = True
     times: dict[str, list[float]] = {name: [] for name in steppers}
+    in_launches: dict[str, list[float]] = {name: [] for name in KERNEL_TABLES}
     for i in range(steps):
         for name, step in steppers.items():
+            LAUNCH_SECONDS[0] = 0.0
             start = time.thread_time()
             step()
             times[name].append((time.thread_time() - start) * 1e3)
+            if name in in_launches:
+                in_launches[name].append(LAUNCH_SECONDS[0] * 1e3)
         if sys.stderr.isatty():
-            print(f"\rtimed {i + 1}/{steps} step pairs", end="", file=sys.stderr, flush=True)
+            print(f"\rtimed {i + 1}/{steps} rounds of {len(steppers)} steps", end="", file=sys.stderr, flush=True)
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    return {
+    _use_kernels("graphpass")
+    result = {
         "eager ops per step": ops,
         "Python function calls per step": calls,
         "Triton launches per step": launches,
         "step ms (min)": {name: min(t) for name, t in times.items()},
-        "graphpass adds ms (median of paired differences)": statistics.median(
-            g - p for p, g in zip(times["plain"], times["graphpass"])
-        ),
+        "graphpass adds ms (median of paired differences)": _paired(times["plain"], times["graphpass"]),
+        "ms per step inside Triton launches (median)": {name: statistics.median(t) for name, t in in_launches.items()},
     }
+    if THROUGH_TRITON in times:
+        result["direct launches save ms (median of paired differences)"] = {
+            "inside launches": _paired(in_launches["graphpass"], in_launches[THROUGH_TRITON]),
+            "whole step": _paired(times["graphpass"], times[THROUGH_TRITON]),
+        }
+    return result
+
+
+def _paired(first: list[float], second: list[float]) -> float:
+    return statistics.median(b - a for a, b in zip(first, second))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--image", type=int, default=16)
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=40, help="interleaved step pairs timed")
+    parser.add_argument("--steps", type=int, default=40, help="rounds of interleaved steps timed")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     args = parser.parse_args(argv)
     # Opened first, like graphpass bench's: a bad path fails before the minute of measuring.
@@ -254,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     with json_out as tmp:
         torch.set_num_threads(1)
         launch_mode = take_cuda_path_on_cpu()
-        print(f"Triton launches: {launch_mode}")
+        direct = "on" if triton_launch.ENABLED else "off (GRAPHPASS_DIRECT_LAUNCH=0)"
+        print(f"Triton launches: {launch_mode}; direct launches {direct}")
         per_call = per_call_us(args.bits)
         print(f"host us per call ({args.bits}-bit, 8x64x16x16 float32):")
         for name, us in per_call.items():
@@ -270,8 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  Triton launches: {sum(launches.values())} ({', '.join(f'{k} {v}' for k, v in sorted(launches.items()))})")
         print(f"  step ms (min): plain {times['plain']:.1f}, graphpass {times['graphpass']:.1f}")
         print(f"  graphpass adds {step['graphpass adds ms (median of paired differences)']:.1f} ms of host work")
+        inside = step["ms per step inside Triton launches (median)"]
+        print(f"  ms per step inside Triton launches: {', '.join(f'{k} {v:.1f}' for k, v in inside.items())}")
+        saved = step.get("direct launches save ms (median of paired differences)")
+        if saved:
+            print(f"  direct launches save {saved['inside launches']:.1f} ms inside launches, {saved['whole step']:.1f} ms of the step")
         if tmp is not None:
-            tmp.write_text(json.dumps({"per call us": per_call, "launches": launch_mode, **vars(args), **step}, indent=2) + "\n")
+            tmp.write_text(json.dumps({"per call us": per_call, "launches": launch_mode, "direct launches": triton_launch.ENABLED, **vars(args), **step}, indent=2) + "\n")
     return 0
 
 

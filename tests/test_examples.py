@@ -105,7 +105,11 @@ def test_host_cost_runs_the_cuda_path_with_counted_launches(tmp_path):
     launches = doc["Triton launches per step"]["graphpass"]
     assert launches["layer_tables"] == launches["anchored_pack"] == launches["anchored_channel_sums"] == 20
     assert doc["Triton launches per step"]["plain"] == {}
-    # Each launch ran Triton's own launch work (JITFunction.run against the stub driver).
-    assert doc["launches"] == "Triton's launch work, no driver call"
+    # Each launch did its host work up to the driver (the stub's): graphpass's direct launch, and in
+    # the interleaved steps launching through Triton, JITFunction.run.
+    assert doc["launches"] == "Triton's launch work, no driver call" and doc["direct launches"]
+    inside = doc["ms per step inside Triton launches (median)"]
+    assert inside["graphpass"] > 0 and inside["graphpass, launches through Triton"] > 0
+    assert set(doc["direct launches save ms (median of paired differences)"]) == {"inside launches", "whole step"}
     assert doc["eager ops per step"]["graphpass"] > doc["eager ops per step"]["plain"] > 0
     assert doc["Python function calls per step"]["graphpass"] > doc["Python function calls per step"]["plain"] > 0
