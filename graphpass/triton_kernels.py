@@ -14,6 +14,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
 
 from graphpass.quantize import _FLOAT32_MAX, FLAG_BLOCK, TINY_GAMMA, TINY_STEP, _level_reciprocals
 from graphpass.triton_launch import direct_launch
@@ -433,6 +434,7 @@ def _anchored_channel_sums_kernel(
             tl.store(out_ptr + channels + channel, total_g)
             tl.store(out_ptr + 2 * channels + channel, grad_scale * a * sum_gx * neg_inv_count)
             tl.store(out_ptr + 3 * channels + channel, grad_scale * (total_g + b * sum_gx) * neg_inv_count)
+            tl.store(arrived_ptr + channel, 0)  # zeroed again for the next launch (_arrival_counters)
 
 
 _SUMS_TILE = 1024  # elements per loop step of the channel-sums kernel
@@ -450,13 +452,35 @@ def _sums_geometry(rows: int, channels: int, inner: int, programs: int) -> tuple
     return _cdiv(rows, per_program), per_program, min(_next_power_of_2(inner), _SUMS_TILE)
 
 
+_ARRIVALS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, channels: int) -> torch.Tensor:
+    """Zeroed int32 counters for the channel-sums kernel's last-arrival test, one buffer per device
+    and stream. The last program of each channel sets its counter back to 0, so a launch after it on
+    the same stream finds them zeroed: no fill (an eager op and a launch) per BatchNorm backward.
+    While a CUDA graph is captured, fresh ones: a captured graph replays on whatever stream replays
+    it, where another stream's launches must not share its counters."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(channels, dtype=torch.int32, device=device)
+        active = driver.active
+        key = (device, active.get_current_stream(active.get_current_device()))
+    else:  # the interpreter, on the CPU
+        key = (device, 0)
+    counters = _ARRIVALS.get(key)
+    if counters is None or counters.numel() < channels:
+        counters = _ARRIVALS[key] = torch.zeros(max(channels, 1024), dtype=torch.int32, device=device)
+    return counters
+
+
 def _channel_sums(codes, flags, grid, bits: int, grad, center, channels: int, inner: int, numel: int, finalize=None):
     rows = numel // (channels * inner)
     splits, per_program, block_inner = _sums_geometry(rows, channels, inner, _SUMS_PROGRAMS)
     sums = torch.empty(splits, 2, channels, dtype=torch.float32, device=codes.device)
     if finalize is not None:
         floats, neg_inv_count = finalize
-        arrived = torch.zeros(channels, dtype=torch.int32, device=codes.device)
+        arrived = _arrival_counters(codes.device, channels)
         out = torch.empty(4, channels, dtype=torch.float32, device=codes.device)
     else:
         floats, neg_inv_count, arrived, out = sums, 0.0, sums, sums  # unread without FINALIZE
