@@ -423,7 +423,8 @@ class _Layer:
         self.post_scale: torch.Tensor | None = None  # Proxy Norm: activation -> (act - mu~) * inv_std~
         self.post_shift: torch.Tensor | None = None
         self.fallback: dict[str, Any] = {}  # role -> generic handle, when layer mode did not apply
-        # BatchNorm: float32 (3, C) rows grad_scale (gamma * rstd), a, center: x_hat = (stored - center) * a
+        # BatchNorm: layer_tables' float32 (5, C) rows scale, shift (the other role's map), then
+        # grad_scale (gamma * rstd), a, center with x_hat = (stored - center) * a for its backward
         self.norm_floats: torch.Tensor | None = None
         self.cache: tuple[str, torch.Tensor] | None = None  # the last rebuilt non-input role
 
@@ -464,13 +465,16 @@ class _Layer:
         """BatchNorm backward from the stored copy: (input grad, weight grad, bias grad), float32
         parameter gradients (:func:`graphpass.quantize.batch_norm_backward`)."""
         self.cache = None  # the activation output's backward ran before this one: nothing reads it again
-        return batch_norm_backward(self.stored, grad, self.norm_floats, need_input_grad=need_input_grad, dtype=input_dtype)
+        floats = self.norm_floats[2:]
+        return batch_norm_backward(self.stored, grad, floats, need_input_grad=need_input_grad, dtype=input_dtype)
 
     def _epilogue(self, role: str) -> dict[str, Any]:
         """How ``role`` follows from the stored tensor: activation(stored) * scale + shift."""
         if role == "activation":
             return {"activation": self.activation, "scale": self.post_scale, "shift": self.post_shift}
         if role == self.other_role:
+            if self.scale is None and self.norm_floats is not None:  # a BatchNorm's: rarely rebuilt, so cut on use
+                self.scale, self.shift = self.norm_floats[0], self.norm_floats[1]
             return {"scale": self.scale, "shift": self.shift}
         return {}
 
@@ -725,8 +729,7 @@ class _Session:
         if norm == "batch_norm":  # per-channel tables, in one launch on CUDA
             table, floats = layer_tables(mean, rstd, weight, bias, bits=self.bits, store_output=store_output)
             grid = {"grid": table}
-            layer.scale, layer.shift = floats[0], floats[1]
-            layer.norm_floats = floats[2:]  # what its backward from the copy needs (_Layer.norm_backward)
+            layer.norm_floats = floats  # the other role's map and what its backward needs (_Layer.norm_backward)
             target = y if store_output else x
         else:
             gamma, beta = _affine_params(weight, bias, y.shape[1], y)

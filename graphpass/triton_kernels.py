@@ -403,7 +403,10 @@ def _anchored_channel_sums_kernel(
     sum_g = tl.zeros([BLOCK_ROWS, BLOCK_INNER], dtype=tl.float32)
     sum_gv = tl.zeros([BLOCK_ROWS, BLOCK_INNER], dtype=tl.float32)
     table_row = table_ptr + channel * 3
-    center = tl.load(center_ptr + channel)
+    if FINALIZE:  # row 2 of the floats (grad_scale, a, center)
+        center = tl.load(floats_ptr + 2 * channels + channel)
+    else:
+        center = tl.load(center_ptr + channel)
     for row0 in range(first, last, BLOCK_ROWS):
         for inner0 in range(0, inner, BLOCK_INNER):
             valid = (row0 + r < last) & (inner0 + j < inner)
@@ -502,7 +505,8 @@ def anchored_channel_sums(codes, flags, grid, bits: int, grad, center, channels:
 def batch_norm_grad_tables(codes, flags, grid, bits: int, grad, floats, neg_inv_count: float, channels: int, inner: int, numel: int):
     """graphpass.quantize.batch_norm_grad_tables, (4, C), in one launch: ``floats`` are its (3, C)
     rows grad_scale, a, center."""
-    return _channel_sums(codes, flags, grid, bits, grad, floats[2], channels, inner, numel, (floats, neg_inv_count))
+    # No center argument: the kernel reads it from row 2 of the floats.
+    return _channel_sums(codes, flags, grid, bits, grad, floats, channels, inner, numel, (floats, neg_inv_count))
 
 
 def anchored_table(mean, std, bits: int) -> torch.Tensor:
