@@ -70,23 +70,67 @@ class NormRecord:
 _HOMOGENEOUS = ("relu", "leaky_relu", "identity")
 
 
-def _homogeneous_backward(grad: torch.Tensor, h: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
+def _activation_backward(grad: torch.Tensor, h: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
+    """dL/dh from dL/dact(h): the op autograd's own backward of each activation runs, so boundary
+    conventions (kinks, NaN) match eager."""
+    aten = torch.ops.aten
     if activation == "relu":
-        return torch.ops.aten.threshold_backward(grad, h, 0)
+        return aten.threshold_backward(grad, h, 0)
+    if activation == "relu6":
+        return aten.hardtanh_backward(grad, h, 0.0, 6.0)
     if activation == "leaky_relu":
-        return torch.ops.aten.leaky_relu_backward(grad, h, negative_slope, False)
+        return aten.leaky_relu_backward(grad, h, negative_slope, False)
+    if activation == "silu":
+        return aten.silu_backward(grad, h)
+    if activation == "gelu":
+        return aten.gelu_backward(grad, h)
+    if activation == "hardswish":
+        return aten.hardswish_backward(grad, h)
+    if activation == "mish":
+        return aten.mish_backward(grad, h)
     return grad
 
 
+_QUANTILES: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
 def _quantiles(num_points: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Phi^-1((i + 1/2) / N); rebuilt on use (two tiny kernels) so ``model.half()`` cannot degrade it."""
-    i = torch.arange(num_points, device=device, dtype=dtype)
-    return torch.special.ndtri((i + 0.5) / num_points)
+    """Phi^-1((i + 1/2) / N). Cached outside any module, so ``model.half()`` cannot degrade it; built
+    afresh for fake, meta and inference-mode tensors and while a CUDA graph is captured."""
+    key = (num_points, device, dtype)
+    q = _QUANTILES.get(key)
+    if q is None:
+        i = torch.arange(num_points, device=device, dtype=dtype)
+        q = torch.special.ndtri((i + 0.5) / num_points)
+        if _cacheable(q):
+            _QUANTILES[key] = q
+    return q
+
+
+def _cacheable(t: torch.Tensor) -> bool:
+    if type(t) is not torch.Tensor or t.device.type == "meta" or t.is_inference():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """At least float32: the official code computes proxy statistics and means in float32."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _proxy_points(
+    weight: torch.Tensor, bias: torch.Tensor, proxy_weight: torch.Tensor, proxy_bias: torch.Tensor, num_points: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, h): the quantiles and h[c, i] = gamma_c * (beta~_c + (1 + gamma~_c) q_i) + beta_c, >= float32."""
+    dtype = _stats_dtype(weight.dtype)
+    q = _quantiles(num_points, weight.device, dtype)
+    proxy = torch.addcmul(_column(proxy_bias, dtype), _column(1 + proxy_weight.to(dtype), dtype), q)
+    return q, torch.addcmul(_column(bias, dtype), _column(weight, dtype), proxy)
+
+
+def _column(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(C,) -> (C, 1) in ``dtype``: one view (``t[:, None]`` costs a slice and an unsqueeze)."""
+    return t.to(dtype).view(-1, 1)
 
 
 def proxy_statistics(
@@ -101,12 +145,37 @@ def proxy_statistics(
     num_points: int = DEFAULT_NUM_POINTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(mu~, 1/sqrt(sigma~^2 + proxy_eps))`` of the proxy, differentiable, >= float32."""
-    dtype = _stats_dtype(weight.dtype)
-    q = _quantiles(num_points, weight.device, dtype)
-    proxy = proxy_bias.to(dtype)[:, None] + (1 + proxy_weight.to(dtype))[:, None] * q[None, :]
-    p = Activation(activation, negative_slope)(weight.to(dtype)[:, None] * proxy + bias.to(dtype)[:, None])
-    var, mean = torch.var_mean(p, dim=1, correction=0)
+    _, h = _proxy_points(weight, bias, proxy_weight, proxy_bias, num_points)
+    var, mean = torch.var_mean(Activation(activation, negative_slope)(h), dim=1, correction=0)
     return mean, torch.rsqrt(var + proxy_eps)
+
+
+def _proxy_statistics_grads(
+    params: tuple[torch.Tensor, ...], mu: torch.Tensor, inv_std: torch.Tensor, grad_mu: torch.Tensor,
+    grad_inv_std: torch.Tensor, *, activation: str, negative_slope: float, num_points: int,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Gradients of :func:`proxy_statistics` for ``params`` (gamma, beta, gamma~, beta~) in closed form,
+    given its outputs ``mu``/``inv_std`` and their gradients: one pass over the (C, N) points instead
+    of autograd recomputing and differentiating them.
+
+    With p_i = act(h_i), mu = mean(p), inv = (var(p) + eps)^-1/2: dL/dp_i = G_mu / N - G_inv inv^3
+    (p_i - mu) / N; h_i = gamma (beta~ + (1 + gamma~) q_i) + beta, so with S0 = sum_i dL/dh_i and
+    S1 = sum_i dL/dh_i q_i the gradients are beta~ S0 + (1 + gamma~) S1, S0, gamma S1, gamma S0.
+    """
+    weight, bias, proxy_weight, proxy_bias = params
+    q, h = _proxy_points(weight, bias, proxy_weight, proxy_bias, num_points)
+    p = Activation(activation, negative_slope)(h)
+    coef = grad_inv_std * inv_std.pow(3) * (-1.0 / num_points)
+    grad_p = torch.addcmul(_column(grad_mu * (1.0 / num_points) - coef * mu, q.dtype), p, _column(coef, q.dtype))
+    grad_h = _activation_backward(grad_p, h, activation, negative_slope)
+    # Identity: beta and beta~ shift every point alike, so only mu~ sees them and S0 is G_mu exactly; a
+    # sum over the points would leave rounding where the runtime's beta gradient must cancel to zero.
+    s0 = grad_mu if activation == "identity" else grad_h.sum(1)
+    s1 = grad_h @ q
+    dtype = q.dtype
+    gamma = weight.to(dtype)
+    grad_gamma = torch.addcmul(proxy_bias.to(dtype) * s0, 1 + proxy_weight.to(dtype), s1)
+    return grad_gamma, s0, gamma * s1, gamma * s0
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -150,8 +219,11 @@ class _ProxyNormActFunction(torch.autograd.Function):
         )
         nd = x.dim()
         out = torch.addcmul(_channel_view(-mu * inv_std, nd), Activation(activation, negative_slope)(h), _channel_view(inv_std, nd))
-        # Only x and per-(sample, group) statistics: everything else is rebuilt in backward.
+        # Only x and per-(sample, group) statistics: everything else is rebuilt in backward. The
+        # proxy statistics (C floats each, depending on the parameters only) are kept as they are:
+        # backward and graphpass's layer mode read them instead of computing them again.
         ctx.save_for_backward(x, mean, rstd, weight, bias, proxy_weight, proxy_bias)
+        ctx.proxy_stats = (mu, inv_std)
         ctx.config = (groups, activation, negative_slope, proxy_eps, num_points)
         return out.to(x.dtype)
 
@@ -159,7 +231,8 @@ class _ProxyNormActFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         x, mean, rstd, weight, bias, proxy_weight, proxy_bias = ctx.saved_tensors
-        groups, activation, negative_slope, proxy_eps, num_points = ctx.config
+        groups, activation, negative_slope, _, num_points = ctx.config
+        mu, inv = ctx.proxy_stats
         dtype = mean.dtype
         n, c, hw = _sizes(x)
         nd = x.dim()
@@ -167,31 +240,17 @@ class _ProxyNormActFunction(torch.autograd.Function):
         xc = x.to(dtype)
         g = grad_out.to(dtype)
         w = weight.detach().to(dtype)
-        params = [t.detach().requires_grad_() for t in (weight, bias, proxy_weight, proxy_bias)]
-        with torch.enable_grad():
-            mu, inv_std = proxy_statistics(
-                *params, activation=activation, negative_slope=negative_slope, proxy_eps=proxy_eps, num_points=num_points
-            )
         b = bias.detach().to(dtype)
-        inv = inv_std.detach()
         scale, shift = _affine_from_stats(mean, rstd, w, b, c)
         h = torch.addcmul(shift.reshape(n, c, *(1,) * (nd - 2)), xc, scale.reshape(n, c, *(1,) * (nd - 2)))
         # For identity grad_h_raw is g: reuse the group-norm kernel's sum (saves a pass, and the
         # beta gradient, exactly zero in theory, then cancels exactly).
         grad_sum = None if activation == "identity" else g.sum(reduce_dims)
         # grad_h_raw = dL/dz * act'(h) without the 1/std~ factor, which rides on the group-norm weight.
-        if activation in _HOMOGENEOUS:
-            grad_h_raw = _homogeneous_backward(g, h, activation, negative_slope)
-            del h
-        else:
-            h.requires_grad_()
-            with torch.enable_grad():
-                z = Activation(activation, negative_slope)(h)
-            # torch's own activation backward, so boundary conventions (e.g. at kinks) match eager.
-            (grad_h_raw,) = torch.autograd.grad(z, h, g)
-            grad_z_dot_z = (g * z.detach()).sum(reduce_dims)
-            del z, h
-        del g
+        grad_h_raw = _activation_backward(g, h, activation, negative_slope)
+        if activation not in _HOMOGENEOUS:
+            grad_z_dot_z = (g * Activation(activation, negative_slope)(h)).sum(reduce_dims)
+        del g, h
         grad_x, grad_w_raw, grad_b_raw = torch.ops.aten.native_group_norm_backward(
             grad_h_raw, xc, mean, rstd, w * inv, n, c, hw, groups, [True, True, True]
         )
@@ -201,9 +260,11 @@ class _ProxyNormActFunction(torch.autograd.Function):
         if grad_sum is None:
             grad_sum = grad_b_raw
         grad_weight, grad_bias = inv * grad_w_raw, inv * grad_b_raw
-        grad_inv_std = grad_z_dot_z - mu.detach() * grad_sum
-        grad_mu = -inv * grad_sum
-        proxy_grads = torch.autograd.grad((mu, inv_std), params, (grad_mu, grad_inv_std))
+        proxy_grads = _proxy_statistics_grads(
+            (weight.detach(), bias.detach(), proxy_weight.detach(), proxy_bias.detach()), mu, inv,
+            -inv * grad_sum, grad_z_dot_z - mu * grad_sum,
+            activation=activation, negative_slope=negative_slope, num_points=num_points,
+        )  # fmt: skip
         return (
             grad_x.to(x.dtype),
             (grad_weight + proxy_grads[0]).to(weight.dtype),

@@ -234,17 +234,15 @@ def quantize_layer(
     activation: str,
     negative_slope: float = 0.01,
     approximate: str = "none",
-    proxy: tuple | None = None,
 ) -> torch.Tensor:
     """Keep one ``bits``-bit copy of layer ``layer``: ``y`` is the norm's output before its
     activation, or for ``norm="proxy_norm"`` the output of ProxyNormAct, whose activation and proxy
-    normalization are rebuilt from ``proxy = (proxy_weight, proxy_bias, proxy_eps, num_points)``."""
+    normalization are rebuilt with the proxy statistics its autograd node keeps."""
     session = state.session
     if session is not None:
         return session.quantize_layer(
-            layer, y, weight, bias, bits=bits, norm=norm,
-            activation=Activation(activation, negative_slope, approximate), proxy=proxy,
-        )  # fmt: skip
+            layer, y, weight, bias, bits=bits, norm=norm, activation=Activation(activation, negative_slope, approximate)
+        )
     return y
 
 
@@ -501,6 +499,8 @@ def _norm_statistics(y: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Te
     try:
         if norm == "proxy_norm":  # ProxyNormAct's function saves (x, mean, rstd, parameters...)
             mean, rstd = node.saved_tensors[1:3]
+            if not hasattr(node, "proxy_stats"):  # (mu~, 1/std~), which _fill_layer reads
+                return None
         else:
             mean, rstd = node._saved_result1, node._saved_result2
     except (AttributeError, RuntimeError, ValueError):
@@ -693,7 +693,7 @@ class _Session:
 
     def quantize_layer(
         self, index: int, y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-        *, bits: int, norm: str, activation: Activation, proxy: tuple | None = None,
+        *, bits: int, norm: str, activation: Activation,
     ) -> torch.Tensor:  # fmt: skip
         """Make layer ``index``'s copy; return the tensor the graph continues with (``y``, or for a
         BatchNorm, ``y`` under a :class:`_BatchNormFromCopy` node)."""
@@ -707,7 +707,7 @@ class _Session:
             self._fall_back(layer, x)
             return y
         without_grad(
-            self._fill_layer, layer, x, y, weight, bias, stats, bits=bits, norm=norm, activation=activation, proxy=proxy
+            self._fill_layer, layer, x, y, weight, bias, stats, bits=bits, norm=norm, activation=activation
         )
         if norm == "proxy_norm":  # y is already the activation output
             self._register(y, _LayerRef(layer, "activation", y.dtype))
@@ -719,7 +719,7 @@ class _Session:
             self.awaiting[y.grad_fn] = layer
         return y
 
-    def _fill_layer(self, layer, x, y, weight, bias, stats, *, bits, norm, activation, proxy) -> None:
+    def _fill_layer(self, layer, x, y, weight, bias, stats, *, bits, norm, activation) -> None:
         mean, rstd = stats
         layer.activation = activation
         # With an activation, store the pre-activation h on a grid anchored at 0 (exact activation
@@ -741,13 +741,7 @@ class _Session:
             target = y
             if norm == "proxy_norm":
                 # ProxyNormAct keeps h inside its fused function: materialise it once to store it.
-                from graphpass.proxy_norm import proxy_statistics
-
-                proxy_weight, proxy_bias, proxy_eps, num_points = proxy
-                mu, inv_std = proxy_statistics(
-                    gamma, beta, proxy_weight.detach().float(), proxy_bias.detach().float(), activation=activation.name,
-                    negative_slope=activation.negative_slope, proxy_eps=proxy_eps, num_points=num_points,
-                )  # fmt: skip
+                mu, inv_std = (_as_dtype(t, torch.float32) for t in y.grad_fn.proxy_stats)
                 layer.post_scale = _channel(inv_std, y)
                 layer.post_shift = -_channel(mu * inv_std, y)
                 layer.activation = Activation(activation.name if activation.name != "identity" else "none", activation.negative_slope)

@@ -104,21 +104,16 @@ def _norm_of(gm: torch.fx.GraphModule, node: torch.fx.Node):
 
 
 def _proxy_norm_activation(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict:
-    """Activation and proxy arguments of a ProxyNormAct module or ``proxy_norm_act`` call."""
+    """Activation arguments of a ProxyNormAct module or ``proxy_norm_act`` call (the runtime reads its
+    proxy statistics from the call's autograd node)."""
     if node.op == "call_module":
         pna = gm.get_submodule(str(node.target))
-        name, slope, eps, points = pna.activation, pna.negative_slope, pna.proxy_eps, pna.num_points
-        proxy = (_param_node(gm, node, "module", "proxy_weight"), _param_node(gm, node, "module", "proxy_bias"))
+        name, slope = pna.activation, pna.negative_slope
     else:
-        name = node.kwargs.get("activation")
-        slope = node.kwargs.get("negative_slope", 0.01)
-        eps = node.kwargs.get("proxy_eps", proxy_norm.DEFAULT_PROXY_EPS)
-        points = node.kwargs.get("num_points", proxy_norm.DEFAULT_NUM_POINTS)
-        proxy = (call_arg(node, 3, "proxy_weight"), call_arg(node, 4, "proxy_bias"))
+        name, slope = node.kwargs.get("activation"), node.kwargs.get("negative_slope", 0.01)
     act = {"activation": "none" if name == "identity" else name}
     if name == "leaky_relu":
         act["negative_slope"] = float(slope)
-    act["proxy"] = (*proxy, float(eps), int(points))
     return act
 
 
