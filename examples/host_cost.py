@@ -1,7 +1,7 @@
 """Host work of graphpass's CUDA code path, measured without a GPU.
 
     PYTHONPATH=. python examples/host_cost.py [--model torchvision:resnet50] [--batch 2] [--image 16]
-                                              [--bits 4] [--steps 40] [--json FILE]
+                                              [--bits 4] [--norm keep|gn+pn] [--steps 40] [--json FILE]
 
 On a fast GPU a transformed training step is bound by the host: Python hooks, eager ops and
 Triton launches, not kernels (see ``examples/profile_step.py``). This script runs the same host
@@ -198,12 +198,12 @@ def _trainer(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor):
     return step
 
 
-def per_step(spec: str, batch: int, image: int, bits: int, steps: int) -> dict[str, object]:
+def per_step(spec: str, batch: int, image: int, bits: int, norm: str, steps: int) -> dict[str, object]:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, image, image)
     labels = torch.randint(0, 10, (batch,))
     plain = gp.load_model(spec).train()
-    graphpass_step = _trainer(gp.transform(plain, (x,), bits=bits), x, labels)
+    graphpass_step = _trainer(gp.transform(plain, (x,), bits=bits, norm=norm), x, labels)
     steppers = {"plain": _trainer(plain, x, labels)}
     timed = [False]  # launches time themselves in the timing rounds only, not in the counts
     for table in KERNEL_TABLES:  # the same model, launching as graphpass does or through Triton
@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--image", type=int, default=16)
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--norm", choices=("keep", "gn+pn"), default="keep")
     parser.add_argument("--steps", type=int, default=40, help="rounds of interleaved steps timed")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     args = parser.parse_args(argv)
@@ -281,12 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"host us per call ({args.bits}-bit, 8x64x16x16 float32):")
         for name, us in per_call.items():
             print(f"  {us:7.1f}  {name}")
-        step = per_step(args.model, args.batch, args.image, args.bits, args.steps)
+        step = per_step(args.model, args.batch, args.image, args.bits, args.norm, args.steps)
         launches = step["Triton launches per step"]["graphpass"]
         ops = step["eager ops per step"]
         calls = step["Python function calls per step"]
         times = step["step ms (min)"]
-        print(f"{args.model}, batch {args.batch}, {args.image} px, one CPU thread, per training step:")
+        norm = ", gn+pn" if args.norm == "gn+pn" else ""
+        print(f"{args.model}{norm}, batch {args.batch}, {args.image} px, one CPU thread, per training step:")
         print(f"  eager ops: plain {ops['plain']}, graphpass {ops['graphpass']}")
         print(f"  Python function calls: plain {calls['plain']}, graphpass {calls['graphpass']}")
         print(f"  Triton launches: {sum(launches.values())} ({', '.join(f'{k} {v}' for k, v in sorted(launches.items()))})")
