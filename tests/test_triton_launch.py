@@ -71,13 +71,20 @@ def _through_triton_count(launcher: DirectLaunch, monkeypatch) -> list[int]:
     return count
 
 
-def test_direct_launch_calls_the_compiled_kernel_as_triton_does(stub_driver, monkeypatch):
+def _launched(monkeypatch, times: int):
+    """A direct launcher of the unpack kernel after ``times`` launches with one set of arguments: its
+    recorder, the launcher, its count of launches through Triton and the (grid, args, kwargs)."""
     recorder = Recorder()
     launcher = _direct(recorder)
     through_triton = _through_triton_count(launcher, monkeypatch)
     grid, args, kwargs = _unpack_launch()
-    for _ in range(4):
+    for _ in range(times):
         launcher[grid](*args, **kwargs)
+    return recorder, launcher, through_triton, (grid, args, kwargs)
+
+
+def test_direct_launch_calls_the_compiled_kernel_as_triton_does(stub_driver, monkeypatch):
+    recorder, _, through_triton, (_, args, _) = _launched(monkeypatch, 4)
     # Triton compiles (1st), Triton again while its call is recorded (2nd), then direct calls.
     assert through_triton[0] == 2 and len(recorder.calls) == 4
     reference_stub, reference = recorder.calls[1]
@@ -91,12 +98,7 @@ def test_direct_launch_calls_the_compiled_kernel_as_triton_does(stub_driver, mon
 
 
 def test_a_key_never_stands_for_two_specializations(stub_driver, monkeypatch):
-    recorder = Recorder()
-    launcher = _direct(recorder)
-    through_triton = _through_triton_count(launcher, monkeypatch)
-    grid, args, kwargs = _unpack_launch()
-    for _ in range(3):
-        launcher[grid](*args, **kwargs)
+    recorder, launcher, through_triton, (grid, args, kwargs) = _launched(monkeypatch, 3)
     aligned_stub = recorder.calls[-1][0]
     # An output 4 bytes off 16-byte alignment, a specialized integer (numel) no longer a multiple of 16,
     # and another constexpr each make Triton compile another kernel: the key must tell them apart.
@@ -119,12 +121,7 @@ def test_a_key_never_stands_for_two_specializations(stub_driver, monkeypatch):
 
 def test_launch_hooks_send_every_launch_through_triton(stub_driver, monkeypatch):
     knobs = pytest.importorskip("triton.knobs")
-    recorder = Recorder()
-    launcher = _direct(recorder)
-    through_triton = _through_triton_count(launcher, monkeypatch)
-    grid, args, kwargs = _unpack_launch()
-    for _ in range(3):
-        launcher[grid](*args, **kwargs)
+    recorder, launcher, through_triton, (grid, args, kwargs) = _launched(monkeypatch, 3)
     assert through_triton[0] == 2
     hook = knobs.runtime.launch_enter_hook
     if hasattr(hook, "add"):  # a HookChain (newer Triton)
