@@ -221,9 +221,11 @@ class _ProxyNormActFunction(torch.autograd.Function):
         out = torch.addcmul(_channel_view(-mu * inv_std, nd), Activation(activation, negative_slope)(h), _channel_view(inv_std, nd))
         # Only x and per-(sample, group) statistics: everything else is rebuilt in backward. The
         # proxy statistics (C floats each, depending on the parameters only) are kept as they are:
-        # backward and graphpass's layer mode read them instead of computing them again.
+        # backward and graphpass's layer mode read them instead of computing them again. The layer
+        # mode also reads the group statistics here: through saved_tensors it would unpack all seven.
         ctx.save_for_backward(x, mean, rstd, weight, bias, proxy_weight, proxy_bias)
         ctx.proxy_stats = (mu, inv_std)
+        ctx.group_stats = (mean, rstd)
         ctx.config = (groups, activation, negative_slope, proxy_eps, num_points)
         return out.to(x.dtype)
 

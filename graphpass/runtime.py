@@ -497,9 +497,9 @@ def _norm_statistics(y: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Te
     if node is None or y.dim() < 2:
         return None
     try:
-        if norm == "proxy_norm":  # ProxyNormAct's function saves (x, mean, rstd, parameters...)
-            mean, rstd = node.saved_tensors[1:3]
-            if not hasattr(node, "proxy_stats"):  # (mu~, 1/std~), which _fill_layer reads
+        if norm == "proxy_norm":  # ProxyNormAct's function keeps them, and (mu~, 1/std~) for _fill_layer
+            mean, rstd = node.group_stats
+            if not hasattr(node, "proxy_stats"):
                 return None
         else:
             mean, rstd = node._saved_result1, node._saved_result2
