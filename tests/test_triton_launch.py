@@ -169,3 +169,39 @@ def test_graphpass_kernels_launch_directly_unless_turned_off(monkeypatch):
         assert triton_launch.direct_launch(interpreted) is interpreted
     monkeypatch.setattr(triton_launch, "ENABLED", False)  # GRAPHPASS_DIRECT_LAUNCH=0
     assert triton_launch.direct_launch(jit) is jit
+
+
+@pytest.mark.slow
+def test_every_kernel_of_a_training_step_ends_up_launching_directly(stub_driver, monkeypatch):
+    """resnet18's compressed step through the runtime's CUDA path (CPU tensors, stub compiled kernels
+    that compute nothing): each kernel's real call sites pass the checks, so after two steps no
+    launch goes through Triton."""
+    import torch.nn.functional as F
+
+    import graphpass as gp
+    from graphpass import quantize, runtime
+
+    launchers = {}
+    for name in dir(kernels):
+        kernel = getattr(kernels, name)
+        if name.endswith("_kernel") and isinstance(kernel, (DirectLaunch, triton.runtime.interpreter.InterpretedFunction)):
+            launchers[name] = DirectLaunch(triton_launch.stub_compiles(kernel, Recorder()))
+            monkeypatch.setattr(kernels, name, launchers[name])
+    # As on a CUDA device: the kernels for real tensors, not for gp.transform's fake ones.
+    monkeypatch.setattr(quantize, "_kernels_for", lambda t, backend: None if quantize._is_fake(t) else kernels)
+    monkeypatch.setattr(runtime, "MIN_PACKED_NUMEL", 64)  # tiny tensors take the full-size paths
+    torch.manual_seed(0)
+    x, labels = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    gm = gp.transform(gp.load_model("torchvision:resnet18").train(), (x,), bits=4)
+    through_triton = {name: _through_triton_count(launcher, monkeypatch) for name, launcher in launchers.items()}
+    for _ in range(2):  # each key: Triton's launch, then Triton's launch recorded and checked
+        F.cross_entropy(gm(x), labels).backward()
+    before = {name: count[0] for name, count in through_triton.items()}
+    F.cross_entropy(gm(x), labels).backward()
+    used = {name for name, launcher in launchers.items() if launcher._entries}
+    assert used >= {"_anchored_pack_kernel", "_anchored_unpack_kernel", "_anchored_channel_sums_kernel",
+                    "_layer_tables_kernel", "_group_pack_kernel", "_mask_pack_kernel"}  # fmt: skip
+    for name in used:
+        launcher = launchers[name]
+        assert launcher._direct and all(entry.tail is not None for entry in launcher._entries.values()), name
+        assert through_triton[name][0] == before[name], name
