@@ -252,13 +252,20 @@ class _StubKernel:
 
 
 def stub_compiles(kernel: Any, on_launch: Callable[[Any, tuple], None]) -> triton.runtime.JITFunction:
-    """The JITFunction of ``kernel`` (a :class:`DirectLaunch`, a JITFunction or, under
-    ``TRITON_INTERPRET=1``, an interpreted function; a new one for the last) with its compiles
-    replaced: each puts a stub compiled kernel in the JITFunction's cache, whose launches call
-    ``on_launch(stub, call)`` with the arguments Triton passed it. Needs :class:`StubDriver` active."""
-    jit = kernel.fn if isinstance(kernel, DirectLaunch) else kernel
-    if isinstance(jit, triton.runtime.interpreter.InterpretedFunction):
-        jit = triton.runtime.JITFunction(jit.fn, **jit.kwargs)
+    """A new JITFunction of ``kernel``'s Python function (``kernel``: a :class:`DirectLaunch`, a
+    JITFunction or, under ``TRITON_INTERPRET=1``, an interpreted function), whose compiles put a stub
+    compiled kernel in its cache; the stub's launches call ``on_launch(stub, call)`` with the
+    arguments Triton passed it. ``kernel`` itself, and its compiled kernels on a GPU, stay as they
+    are. Needs :class:`StubDriver` active."""
+    source = kernel.fn if isinstance(kernel, DirectLaunch) else kernel
+    if isinstance(source, triton.runtime.interpreter.InterpretedFunction):
+        options = source.kwargs
+    else:
+        options = {
+            "do_not_specialize": getattr(source, "do_not_specialize", None),
+            "do_not_specialize_on_alignment": getattr(source, "do_not_specialize_on_alignment", None),
+        }
+    jit = triton.runtime.JITFunction(source.fn, **{k: v for k, v in options.items() if v is not None})
     if not (hasattr(jit, "device_caches") and hasattr(jit, "_do_compile")):
         raise AttributeError("this Triton's JITFunction has no device_caches/_do_compile to stub")
 

@@ -205,3 +205,45 @@ def test_every_kernel_of_a_training_step_ends_up_launching_directly(stub_driver,
         launcher = launchers[name]
         assert launcher._direct and all(entry.tail is not None for entry in launcher._entries.values()), name
         assert through_triton[name][0] == before[name], name
+
+
+_LAYER_KERNELS = (
+    "_layer_tables_kernel", "_anchored_pack_kernel", "_anchored_unpack_kernel", "_anchored_channel_sums_kernel",
+    "_group_pack_kernel", "_group_unpack_kernel", "_mask_pack_kernel", "_mask_unpack_kernel",
+)  # fmt: skip
+
+
+def _layer_kernels_once(y: torch.Tensor, grad: torch.Tensor, stats: tuple) -> list[torch.Tensor]:
+    """One BatchNorm layer's kernels, forward and backward, and the generic and mask kernels."""
+    from graphpass import quantize
+
+    grid, floats = quantize.layer_tables(*stats, bits=4, store_output=True)
+    packed = quantize.pack_anchored(y, 4, grid=grid)
+    rebuilt = quantize.unpack(packed, activation=quantize.Activation("relu"), scale=floats[0], shift=floats[1])
+    groups, mask = quantize.pack_groups(y, 4), quantize.pack_positive_mask(y)
+    return [
+        grid, floats, packed.codes, packed.flags, rebuilt, *quantize.batch_norm_backward(packed, grad, floats[2:]),
+        groups.codes, quantize.unpack(groups), mask.codes, quantize.unpack(mask, dtype=torch.float32),
+    ]  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_direct_launches_on_a_gpu_give_triton_s_results(monkeypatch):
+    """On a real driver: the results of Triton's own launches, then of three more rounds with the
+    same tensors, the last launching every kernel directly, are equal bit for bit."""
+    if not triton_launch.ENABLED:
+        pytest.skip("GRAPHPASS_DIRECT_LAUNCH=0")
+    y = torch.randn(8, 64, 16, 16, device="cuda")
+    grad = torch.randn_like(y)
+    stats = tuple(t.cuda() for t in (torch.randn(64), torch.rand(64) + 0.5, torch.rand(64) + 0.5, torch.randn(64)))
+    with monkeypatch.context() as through_triton:
+        for name in _LAYER_KERNELS:
+            through_triton.setattr(kernels, name, getattr(kernels, name).fn)
+        reference = _layer_kernels_once(y, grad, stats)
+    runs = [_layer_kernels_once(y, grad, stats) for _ in range(2)]  # Triton's launch, then the check
+    counts = {name: _through_triton_count(getattr(kernels, name), monkeypatch) for name in _LAYER_KERNELS}
+    runs.append(_layer_kernels_once(y, grad, stats))
+    torch.cuda.synchronize()
+    assert {name: count[0] for name, count in counts.items()} == dict.fromkeys(_LAYER_KERNELS, 0)
+    for run in runs:
+        assert all(torch.equal(got, ref) for got, ref in zip(run, reference))
