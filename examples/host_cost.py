@@ -117,7 +117,7 @@ def take_cuda_path_on_cpu() -> str:
         KERNEL_TABLES["graphpass"] = {name: _CountedLaunch(_label(name)) for name in names}
         mode = "counted no-ops (launch work excluded)"
     _use_kernels("graphpass")
-    quantize._kernels_for = _cuda_path
+    quantize.KERNEL_DEVICES = ("cuda", "cpu")  # as on a GPU: kernels for real tensors, not for fake ones
     runtime.MIN_PACKED_NUMEL = 64  # tiny tensors take the paths full-size ones take
     return mode
 
@@ -132,14 +132,6 @@ def _counter(name: str):
 def _use_kernels(table: str, timed: bool = False) -> None:
     for name, kernel in KERNEL_TABLES[table].items():
         setattr(kernels, name, _TimedLaunch(kernel) if timed else kernel)
-
-
-def _cuda_path(t: torch.Tensor, backend: str | None):
-    """quantize._kernels_for as on a CUDA device: the kernels, except for the fake tensors of gp.transform's
-    discovery run (and backend="torch")."""
-    if backend == "torch" or (type(t) not in (torch.Tensor, torch.nn.Parameter) and quantize._is_fake(t)):
-        return None
-    return kernels
 
 
 def _label(kernel_name: str) -> str:

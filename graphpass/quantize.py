@@ -685,6 +685,11 @@ except ImportError:  # very old torch: no fake tensors to tell apart
         return False
 
 
+# Devices whose tensors take the Triton kernels by default. examples/host_cost.py and a launch test
+# add "cpu" to run the CUDA path's host work on CPU tensors.
+KERNEL_DEVICES = ("cuda",)
+
+
 def _kernels_for(t: torch.Tensor, backend: str | None) -> ModuleType | None:
     if backend == "torch":
         return None
@@ -693,7 +698,7 @@ def _kernels_for(t: torch.Tensor, backend: str | None) -> ModuleType | None:
         if kernels is None:
             raise UnsupportedError("backend='triton' was requested but triton cannot be imported here")
         return kernels
-    if t.device.type != "cuda":
+    if t.device.type not in KERNEL_DEVICES:
         return None
     # A plain tensor cannot be fake; asking costs more than the kernel launch it decides on.
     if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter and _is_fake(t):

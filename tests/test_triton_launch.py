@@ -187,8 +187,7 @@ def test_every_kernel_of_a_training_step_ends_up_launching_directly(stub_driver,
         if name.endswith("_kernel") and isinstance(kernel, (DirectLaunch, triton.runtime.interpreter.InterpretedFunction)):
             launchers[name] = DirectLaunch(triton_launch.stub_compiles(kernel, Recorder()))
             monkeypatch.setattr(kernels, name, launchers[name])
-    # As on a CUDA device: the kernels for real tensors, not for gp.transform's fake ones.
-    monkeypatch.setattr(quantize, "_kernels_for", lambda t, backend: None if quantize._is_fake(t) else kernels)
+    monkeypatch.setattr(quantize, "KERNEL_DEVICES", ("cuda", "cpu"))  # CPU tensors take the CUDA path
     monkeypatch.setattr(runtime, "MIN_PACKED_NUMEL", 64)  # tiny tensors take the full-size paths
     torch.manual_seed(0)
     x, labels = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
