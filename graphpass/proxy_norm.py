@@ -226,14 +226,14 @@ class _ProxyNormActFunction(torch.autograd.Function):
         ctx.save_for_backward(x, mean, rstd, weight, bias, proxy_weight, proxy_bias)
         ctx.proxy_stats = (mu, inv_std)
         ctx.group_stats = (mean, rstd)
-        ctx.config = (groups, activation, negative_slope, proxy_eps, num_points)
+        ctx.config = (groups, activation, negative_slope, num_points)
         return out.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         x, mean, rstd, weight, bias, proxy_weight, proxy_bias = ctx.saved_tensors
-        groups, activation, negative_slope, _, num_points = ctx.config
+        groups, activation, negative_slope, num_points = ctx.config
         mu, inv = ctx.proxy_stats
         dtype = mean.dtype
         n, c, hw = _sizes(x)

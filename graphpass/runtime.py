@@ -497,10 +497,8 @@ def _norm_statistics(y: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Te
     if node is None or y.dim() < 2:
         return None
     try:
-        if norm == "proxy_norm":  # ProxyNormAct's function keeps them, and (mu~, 1/std~) for _fill_layer
+        if norm == "proxy_norm":  # ProxyNormAct's function keeps them beside (mu~, 1/std~), read by _fill_layer
             mean, rstd = node.group_stats
-            if not hasattr(node, "proxy_stats"):
-                return None
         else:
             mean, rstd = node._saved_result1, node._saved_result2
     except (AttributeError, RuntimeError, ValueError):
