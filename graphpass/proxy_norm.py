@@ -114,8 +114,9 @@ def _cacheable(t: torch.Tensor) -> bool:
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least float32: the official code computes proxy statistics and means in float32."""
-    return torch.promote_types(dtype, torch.float32)
+    """At least float32: the official code computes proxy statistics and means in float32. (Not
+    ``torch.promote_types``: an op dispatch, three times per layer and step.)"""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _proxy_points(
@@ -241,8 +242,9 @@ class _ProxyNormActFunction(torch.autograd.Function):
         reduce_dims = [0, *range(2, nd)]
         xc = x.to(dtype)
         g = grad_out.to(dtype)
-        w = weight.detach().to(dtype)
-        b = bias.detach().to(dtype)
+        # once_differentiable runs this under no_grad: nothing here records history, no detach needed.
+        w = weight.to(dtype)
+        b = bias.to(dtype)
         scale, shift = _affine_from_stats(mean, rstd, w, b, c)
         h = torch.addcmul(shift.reshape(n, c, *(1,) * (nd - 2)), xc, scale.reshape(n, c, *(1,) * (nd - 2)))
         # For identity grad_h_raw is g: reuse the group-norm kernel's sum (saves a pass, and the
@@ -263,7 +265,7 @@ class _ProxyNormActFunction(torch.autograd.Function):
             grad_sum = grad_b_raw
         grad_weight, grad_bias = inv * grad_w_raw, inv * grad_b_raw
         proxy_grads = _proxy_statistics_grads(
-            (weight.detach(), bias.detach(), proxy_weight.detach(), proxy_bias.detach()), mu, inv,
+            (weight, bias, proxy_weight, proxy_bias), mu, inv,
             -inv * grad_sum, grad_z_dot_z - mu * grad_sum,
             activation=activation, negative_slope=negative_slope, num_points=num_points,
         )  # fmt: skip
