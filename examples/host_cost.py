@@ -159,18 +159,18 @@ def per_call_us(bits: int) -> dict[str, float]:
     grid, floats = quantize.layer_tables(mean, rstd, weight, bias, bits=bits, store_output=True)
     packed = quantize.pack_anchored(y, bits, grid=grid)
     grad = torch.randn_like(y)
-    tables = quantize.batch_norm_grad_tables(packed, grad, floats[2:])
+    tables = quantize.batch_norm_grad_tables(packed, grad, floats[2:5])
     relu = quantize.Activation("relu")
     calls = {
         "layer_tables": lambda: quantize.layer_tables(mean, rstd, weight, bias, bits=bits, store_output=True),
         "pack_anchored": lambda: quantize.pack_anchored(y, bits, grid=grid),
         "unpack (ReLU epilogue)": lambda: quantize.unpack(packed, activation=relu, scale=floats[0], shift=floats[1]),
-        "batch_norm_grad_tables": lambda: quantize.batch_norm_grad_tables(packed, grad, floats[2:]),
+        "batch_norm_grad_tables": lambda: quantize.batch_norm_grad_tables(packed, grad, floats[2:5]),
         "fused_norm_grad": lambda: quantize.fused_norm_grad(
             packed, grad, scale=tables[2], shift=tables[3], grad_scale=floats[2]
         ),
         "batch_norm_backward (the two above, as the runtime calls them)": lambda: quantize.batch_norm_backward(
-            packed, grad, floats[2:]
+            packed, grad, floats[2:5]
         ),
         "pack_groups": lambda: quantize.pack_groups(y, bits, group_size=256),
         "pack_positive_mask": lambda: quantize.pack_positive_mask(y),

@@ -477,7 +477,8 @@ def _fused_norm_grad(p: Packed, flat_g, tables, channels: int, inner: int, dtype
 # ----------------------------------------------------------------------------- normalized layers
 
 TINY_GAMMA = 1e-12  # |gamma| at most this: the norm's input cannot be rebuilt from its output (its mean instead)
-LAYER_TABLE_ROWS = ("scale", "shift", "grad_scale", "a", "center")  # rows of layer_tables' floats
+# Rows of layer_tables' floats; grad_scale is h_scale, so rows 2 and 5 map the norm's input to its output.
+LAYER_TABLE_ROWS = ("scale", "shift", "grad_scale", "a", "center", "h_shift")
 NORM_GRAD_ROWS = ("grad_weight", "grad_bias", "scale", "shift")  # rows of batch_norm_grad_tables
 
 
@@ -523,32 +524,51 @@ def layer_tables(
     *,
     bits: int | None,
     store_output: bool,
+    channels: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """A BatchNorm layer's per-channel tables, in one launch on CUDA: ``(grid, floats)``.
+    """A normalized layer's tables, in one launch on CUDA: ``(grid, floats)``.
 
-    ``mean``/``rstd`` are the norm's batch statistics, ``gamma``/``beta`` its affine parameters (None:
-    1 and 0), C elements each. ``grid`` is the stored tensor's anchored grid for ``bits`` (as
-    :func:`pack_anchored` takes it; None when ``bits`` is None) and ``floats`` a (5, C) float32 table
-    of the :func:`layer_maps` rows named by :data:`LAYER_TABLE_ROWS`.
+    ``mean``/``rstd`` are the norm's batch statistics: C elements (BatchNorm), or (N, G) per sample
+    and group (GroupNorm, with ``channels`` = C a multiple of G; channel c is in group c // (C / G)).
+    ``gamma``/``beta`` are its affine parameters (None: 1 and 0), C elements each. ``floats`` is a
+    (6, E) float32 table of the :func:`layer_maps` rows named by :data:`LAYER_TABLE_ROWS`, with an
+    entry per channel (E = C) or per sample and channel (E = N * C, sample-major). ``grid`` is the
+    stored tensor's anchored grid for ``bits`` (as :func:`pack_anchored` takes it), per channel only:
+    None when ``bits`` is None.
     """
     _check_backend(backend)
     if bits is not None:
         _check_bits(bits)
-    channels = mean.numel()
-    for name, t in (("rstd", rstd), ("gamma", gamma), ("beta", beta)):
+    per_sample = mean.dim() == 2
+    if per_sample:
+        samples, groups = mean.shape
+        if channels is None or groups == 0 or channels % groups:
+            raise InputError(f"layer_tables: (N, G) statistics need channels, a multiple of G={groups}; got {channels}")
+        if bits is not None:
+            raise InputError("layer_tables: the anchored grid is per channel; per-sample statistics take bits=None")
+    else:
+        samples, channels = 1, mean.numel()
+    if rstd.shape != mean.shape:
+        raise InputError(f"layer_tables: rstd must have the shape {tuple(mean.shape)} of mean, got {tuple(rstd.shape)}")
+    for name, t in (("gamma", gamma), ("beta", beta)):
         if t is not None and t.numel() != channels:
-            raise InputError(f"layer_tables: {name} must have {channels} elements like mean, got {t.numel()}")
+            raise InputError(f"layer_tables: {name} must have {channels} elements (one per channel), got {t.numel()}")
     kernels = _kernels_for(mean, backend)
-    if kernels is not None and channels > 0:
+    if kernels is not None and mean.numel() > 0:
         tensors = [None if t is None else _dense(t, mean.device) for t in (mean, rstd, gamma, beta)]
-        return kernels.layer_tables(*tensors, bits, store_output)
+        return kernels.layer_tables(*tensors, bits, store_output, channels, samples)
     device = mean.device
     gamma = torch.ones(channels, device=device) if gamma is None else _flat_float32(gamma, device)
     beta = torch.zeros(channels, device=device) if beta is None else _flat_float32(beta, device)
-    maps = layer_maps(_flat_float32(mean, device), _flat_float32(rstd, device), gamma, beta, store_output=store_output)
+    mean, rstd = _flat_float32(mean, device), _flat_float32(rstd, device)
+    if per_sample:  # one entry per (sample, channel): each channel takes its group's statistics
+        per_group = channels // max(groups, 1)
+        mean, rstd = (t.repeat_interleave(per_group) for t in (mean, rstd))
+        gamma, beta = gamma.repeat(samples), beta.repeat(samples)
+    maps = layer_maps(mean, rstd, gamma, beta, store_output=store_output)
     grid = torch.stack(anchored_grid(maps.grid_mean, maps.grid_std, bits), 1) if bits is not None else None
-    return grid, torch.stack([maps.scale, maps.shift, maps.h_scale, maps.a, maps.center])
+    return grid, torch.stack([maps.scale, maps.shift, maps.h_scale, maps.a, maps.center, maps.h_shift])
 
 
 @_no_grad

@@ -67,7 +67,6 @@ from graphpass.quantize import (
     aligned_rows,
     apply_epilogue,
     batch_norm_backward,
-    layer_maps,
     layer_tables,
     pack_anchored,
     pack_groups,
@@ -463,7 +462,7 @@ class _Layer:
         """BatchNorm backward from the stored copy: (input grad, weight grad, bias grad), float32
         parameter gradients (:func:`graphpass.quantize.batch_norm_backward`)."""
         self.cache = None  # the activation output's backward ran before this one: nothing reads it again
-        floats = self.norm_floats[2:]
+        floats = self.norm_floats[2:5]
         return batch_norm_backward(self.stored, grad, floats, need_input_grad=need_input_grad, dtype=input_dtype)
 
     def _epilogue(self, role: str) -> dict[str, Any]:
@@ -482,12 +481,6 @@ def _row_table(table: Any, rows: tuple[int, int]) -> Any:
     if isinstance(table, torch.Tensor) and table.dim() > 1 and table.shape[0] > 1:
         return table[rows[0] : rows[1]]
     return table
-
-
-def _affine_params(weight: torch.Tensor | None, bias: torch.Tensor | None, channels: int, like: torch.Tensor):
-    gamma = weight.detach().float() if weight is not None else torch.ones(channels, device=like.device)
-    beta = bias.detach().float() if bias is not None else torch.zeros(channels, device=like.device)
-    return gamma, beta
 
 
 def _norm_statistics(y: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -511,12 +504,6 @@ def _norm_statistics(y: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Te
     else:
         ok = mean.dim() == 2 and mean.shape[0] == y.shape[0] and mean.shape[1] > 0 and channels % mean.shape[1] == 0
     return (mean.float(), rstd.float()) if ok and rstd.shape == mean.shape else None
-
-
-def _per_sample_channel(stat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """GroupNorm (N, G) statistics -> (N, C, 1, ...) broadcastable over ``y``."""
-    per_channel = stat.repeat_interleave(y.shape[1] // stat.shape[1], dim=1)
-    return per_channel.reshape(per_channel.shape + (1,) * (y.dim() - 2))
 
 
 def _channel(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -729,13 +716,10 @@ class _Session:
             grid = {"grid": table}
             layer.norm_floats = floats  # the other role's map and what its backward needs (_Layer.norm_backward)
             target = y if store_output else x
-        else:
-            gamma, beta = _affine_params(weight, bias, y.shape[1], y)
-            maps = layer_maps(
-                _per_sample_channel(mean, y), _per_sample_channel(rstd, y), _channel(gamma, y), _channel(beta, y),
-                store_output=store_output,
-            )  # fmt: skip
-            layer.scale, layer.shift = maps.scale, maps.shift
+        else:  # GroupNorm: statistics per (sample, group), tables per (sample, channel), one launch on CUDA
+            table_shape = (y.shape[0], y.shape[1]) + (1,) * (y.dim() - 2)
+            _, floats = layer_tables(mean, rstd, weight, bias, bits=None, store_output=store_output, channels=y.shape[1])
+            layer.scale, layer.shift, h_scale, _, _, h_shift = floats.view(6, *table_shape).unbind(0)
             target = y
             if norm == "proxy_norm":
                 # ProxyNormAct keeps h inside its fused function: materialise it once to store it.
@@ -743,7 +727,7 @@ class _Session:
                 layer.post_scale = _channel(inv_std, y)
                 layer.post_shift = -_channel(mu * inv_std, y)
                 layer.activation = Activation(activation.name if activation.name != "identity" else "none", activation.negative_slope)
-                target = torch.addcmul(maps.h_shift, x, maps.h_scale)
+                target = torch.addcmul(h_shift, x, h_scale)
             elif not store_output:
                 target = x
             # Group statistics say little about single channels: measure them (one extra read).

@@ -555,10 +555,11 @@ def anchored_unpack(
     return out
 
 
-# ----------------------------------------------------------------------------- BatchNorm layer tables
-# Per-channel work of a few hundred floats: one launch, instead of a dozen eager ops whose
-# launches would cost the host more than the step's large kernels (the backward's tables come
-# with the channel sums, in _anchored_channel_sums_kernel).
+# ----------------------------------------------------------------------------- layer tables
+# Per-channel (BatchNorm) or per-(sample, channel) (GroupNorm) work of a few hundred floats: one
+# launch, instead of a dozen eager ops (two dozen for GroupNorm) whose launches would cost the host
+# more than the step's large kernels (BatchNorm's backward tables come with the channel sums, in
+# _anchored_channel_sums_kernel).
 
 _TABLE_BLOCK = 1024
 
@@ -566,50 +567,62 @@ _TABLE_BLOCK = 1024
 @direct_launch
 @triton.jit
 def _layer_tables_kernel(
-    mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, grid_ptr, floats_ptr, channels,
+    mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, grid_ptr, floats_ptr, channels, count, group_size, groups,
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, STORE_OUTPUT: tl.constexpr, HAS_GRID: tl.constexpr,
-    N: tl.constexpr, TINY: tl.constexpr, TINY_GAMMA: tl.constexpr, BLOCK: tl.constexpr,
+    PER_SAMPLE: tl.constexpr, N: tl.constexpr, TINY: tl.constexpr, TINY_GAMMA: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # graphpass.quantize.layer_maps and anchored_grid, per channel, in the same float32 operations
-    # (launched without FMA contraction, so they round as PyTorch's eager ops do).
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inside = c < channels
-    mean = tl.load(mean_ptr + c, mask=inside, other=0.0).to(tl.float32)
-    rstd = tl.load(rstd_ptr + c, mask=inside, other=1.0).to(tl.float32)
+    # graphpass.quantize.layer_maps and anchored_grid, per entry, in the same float32 operations
+    # (launched without FMA contraction, so they round as PyTorch's eager ops do). An entry is a
+    # channel, or with PER_SAMPLE a (sample, channel) pair whose statistics are its group's.
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < count
+    if PER_SAMPLE:
+        c = i % channels
+        stat = (i // channels) * groups + c // group_size
+    else:
+        c = i
+        stat = i
+    mean = tl.load(mean_ptr + stat, mask=inside, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + stat, mask=inside, other=1.0).to(tl.float32)
     one = tl.full(mean.shape, 1.0, tl.float32)
     gamma = tl.load(gamma_ptr + c, mask=inside, other=1.0).to(tl.float32) if HAS_GAMMA else one
     beta = tl.load(beta_ptr + c, mask=inside, other=0.0).to(tl.float32) if HAS_BETA else one * 0.0
     h_scale = gamma * rstd
+    h_shift = beta - mean * h_scale
     if STORE_OUTPUT:
         a = tl.where(tl.abs(gamma) > TINY_GAMMA, tl.math.div_rn(one, gamma), 0.0)
         scale = tl.math.div_rn(a, rstd)
         shift = mean - beta * scale
         center, grid_mean, grid_std = beta, beta, tl.abs(gamma)
     else:
-        a, scale, shift = rstd, h_scale, beta - mean * h_scale
+        a, scale, shift = rstd, h_scale, h_shift
         center, grid_mean, grid_std = mean, mean, tl.math.div_rn(one, rstd)
-    tl.store(floats_ptr + c, scale, mask=inside)
-    tl.store(floats_ptr + channels + c, shift, mask=inside)
-    tl.store(floats_ptr + 2 * channels + c, h_scale, mask=inside)
-    tl.store(floats_ptr + 3 * channels + c, a, mask=inside)
-    tl.store(floats_ptr + 4 * channels + c, center, mask=inside)
+    tl.store(floats_ptr + i, scale, mask=inside)
+    tl.store(floats_ptr + count + i, shift, mask=inside)
+    tl.store(floats_ptr + 2 * count + i, h_scale, mask=inside)
+    tl.store(floats_ptr + 3 * count + i, a, mask=inside)
+    tl.store(floats_ptr + 4 * count + i, center, mask=inside)
+    tl.store(floats_ptr + 5 * count + i, h_shift, mask=inside)
     if HAS_GRID:
         step, inv, code_shift = _anchored_grid(grid_mean, grid_std, N, TINY)
-        tl.store(grid_ptr + c * 3, step, mask=inside)
-        tl.store(grid_ptr + c * 3 + 1, inv, mask=inside)
-        tl.store(grid_ptr + c * 3 + 2, code_shift, mask=inside)
+        tl.store(grid_ptr + i * 3, step, mask=inside)
+        tl.store(grid_ptr + i * 3 + 1, inv, mask=inside)
+        tl.store(grid_ptr + i * 3 + 2, code_shift, mask=inside)
 
 
-def layer_tables(mean, rstd, gamma, beta, bits: int | None, store_output: bool):
-    """graphpass.quantize.layer_tables: (grid or None, (5, C) floats) in one launch."""
-    channels = mean.numel()
-    floats = torch.empty(5, channels, dtype=torch.float32, device=mean.device)
-    grid = torch.empty(channels, 3, dtype=torch.float32, device=mean.device) if bits is not None else None
-    _layer_tables_kernel[(_cdiv(channels, _TABLE_BLOCK),)](
+def layer_tables(mean, rstd, gamma, beta, bits: int | None, store_output: bool, channels: int, samples: int):
+    """graphpass.quantize.layer_tables: (grid or None, (6, samples * channels) floats) in one launch;
+    ``mean``/``rstd`` hold one entry per channel, or per sample and group."""
+    count = samples * channels
+    groups = mean.numel() // samples
+    floats = torch.empty(6, count, dtype=torch.float32, device=mean.device)
+    grid = torch.empty(count, 3, dtype=torch.float32, device=mean.device) if bits is not None else None
+    _layer_tables_kernel[(_cdiv(count, _TABLE_BLOCK),)](
         mean, rstd, gamma if gamma is not None else mean, beta if beta is not None else mean,
-        grid if grid is not None else floats, floats, channels,
+        grid if grid is not None else floats, floats, channels, count, channels // groups, groups,
         HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, STORE_OUTPUT=store_output, HAS_GRID=grid is not None,
-        N=1 << (bits or 8), TINY=TINY_STEP, TINY_GAMMA=TINY_GAMMA, BLOCK=_TABLE_BLOCK, enable_fp_fusion=False,
+        PER_SAMPLE=groups != count, N=1 << (bits or 8), TINY=TINY_STEP, TINY_GAMMA=TINY_GAMMA, BLOCK=_TABLE_BLOCK,
+        enable_fp_fusion=False,
     )  # fmt: skip
     return grid, floats
 

@@ -694,16 +694,11 @@ def test_conv_chunk_rows_respect_size_and_row_step(monkeypatch):
     assert runtime.conv_rebuild_bytes((2, 3, 5, 5), 4, "q4-group") == 2 * 3 * 5 * 5 * 4
 
 
-@needs_interpreter
-def test_runtime_on_the_triton_kernels_matches_the_pytorch_path_and_launches_per_layer(monkeypatch):
-    """The runtime driving the Triton kernels (the interpreter runs them on CPU tensors) gives the
-    PyTorch path's output and gradients. Launches cost the host most of a step's time on a GPU, so
-    their count per BatchNorm layer is held: one table launch and one pack in forward, one
-    reduction launch and one input-gradient pass in backward."""
+def _step_on_counted_kernels(gm, x, monkeypatch) -> collections.Counter:
+    """One step of ``gm`` with the runtime driving the Triton kernels (the interpreter runs them on CPU
+    tensors), checked against the PyTorch path's output and gradients; the launches per kernel."""
     from graphpass import quantize, triton_kernels
 
-    x = torch.randn(2, 3, 16, 16)
-    gm = transformed(SmallResNet(width=16), x)
     expected = step(gm, x)
     launches = collections.Counter()
 
@@ -724,12 +719,36 @@ def test_runtime_on_the_triton_kernels_matches_the_pytorch_path_and_launches_per
     assert torch.equal(out, expected[0])
     torch.testing.assert_close(grad_x, expected[1], rtol=1e-4, atol=1e-6)
     assert_same_gradients(grads, expected[2], tol=1e-4)
+    return launches
+
+
+@needs_interpreter
+def test_runtime_on_the_triton_kernels_matches_the_pytorch_path_and_launches_per_layer(monkeypatch):
+    """Launches cost the host most of a step's time on a GPU, so their count per BatchNorm layer is
+    held: one table launch and one pack in forward, one reduction launch and one input-gradient pass
+    in backward."""
+    x = torch.randn(2, 3, 16, 16)
+    launches = _step_on_counted_kernels(transformed(SmallResNet(width=16), x), x, monkeypatch)
     batch_norms = 3
     assert launches["layer_tables"] == launches["anchored_pack"] == launches["batch_norm_grad_tables"] == batch_norms
     assert launches["anchored_table"] == launches["anchored_channel_sums"] == 0
     # Input gradients of the three norms, and the two activation outputs rebuilt once each (the
     # next convolution and the ReLU share the rebuild).
     assert launches["anchored_unpack"] == batch_norms + 2, launches
+
+
+@needs_interpreter
+def test_runtime_on_the_triton_kernels_for_group_norm_layers(monkeypatch):
+    """GroupNorm + PN-Act layers (and the scaled GroupNorm without an activation): their per-(sample,
+    channel) tables come from one launch per layer, as BatchNorm's per-channel ones do."""
+    import graphpass as gp
+
+    x = torch.randn(2, 3, 16, 16)
+    gm = gp.transform(SmallResNet(width=16).train(), (x,), bits=4, norm="gn+pn", groups=4)
+    launches = _step_on_counted_kernels(gm, x, monkeypatch)
+    norms = 3
+    # A grid measured on the stored tensor (anchored_table), then the pack.
+    assert launches["layer_tables"] == launches["anchored_table"] == launches["anchored_pack"] == norms, launches
 
 
 def _tensors_with_history() -> list:

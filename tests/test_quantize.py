@@ -474,8 +474,8 @@ def test_layer_tables_map_between_the_roles(case, store_output):
     """In float64: the stored role maps to the other, x_hat and the grid follow the norm's statistics."""
     mean, rstd, gamma, beta = _layer_case(case)
     grid, floats = layer_tables(mean, rstd, gamma, beta, bits=4, store_output=store_output)
-    assert floats.shape == (5, 6) and floats.dtype == torch.float32 and grid.shape == (6, 3)
-    scale, shift, grad_scale, a, center = floats.double()
+    assert floats.shape == (6, 6) and floats.dtype == torch.float32 and grid.shape == (6, 3)
+    scale, shift, grad_scale, a, center, h_shift = floats.double()
     gamma = torch.ones(6) if gamma is None else gamma
     beta = torch.zeros(6) if beta is None else beta
     x = torch.randn(5, 6).double()
@@ -488,9 +488,31 @@ def test_layer_tables_map_between_the_roles(case, store_output):
     torch.testing.assert_close(stored * scale + shift, other, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(((stored - center) * a)[:, invertible], x_hat[:, invertible], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_scale, (gamma * rstd).double())
+    torch.testing.assert_close(x * grad_scale + h_shift, h, rtol=1e-5, atol=1e-5)
     stats = (beta, gamma.abs()) if store_output else (mean, 1.0 / rstd)
     assert torch.equal(grid, torch.stack(anchored_grid(*stats, 4), 1))
     assert layer_tables(mean, rstd, gamma, beta, bits=None, store_output=store_output)[0] is None
+
+
+def _group_case(case, samples=3, groups=2, channels=6):
+    """(mean, rstd) per (sample, group) of a GroupNorm layer, with the affine parameters of ``case``."""
+    g = torch.Generator().manual_seed(1)
+    mean, rstd = torch.randn(samples, groups, generator=g), torch.rand(samples, groups, generator=g) + 0.5
+    return (mean, rstd, *_layer_case(case, channels)[2:])
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+@pytest.mark.parametrize("store_output", [True, False])
+def test_layer_tables_per_sample_are_each_samples_channel_tables(case, store_output):
+    """GroupNorm statistics (N, G): entry (n, c) is the per-channel table of sample n with its group's
+    statistics, bit for bit."""
+    mean, rstd, gamma, beta = _group_case(case)
+    grid, floats = layer_tables(mean, rstd, gamma, beta, bits=None, store_output=store_output, channels=6)
+    assert grid is None and floats.shape == (6, 3 * 6)
+    for n in range(3):
+        per_channel = (t[n].repeat_interleave(3) for t in (mean, rstd))
+        expected = layer_tables(*per_channel, gamma, beta, bits=None, store_output=store_output)[1]
+        assert torch.equal(floats.view(6, 3, 6)[:, n], expected)
 
 
 def _bn_backward_case(layout, device="cpu"):
@@ -549,6 +571,12 @@ def test_layer_tables_bad_arguments_are_clear_errors():
         layer_tables(mean, rstd, torch.ones(4), None, bits=4, store_output=True)
     with pytest.raises(InputError, match="bits=3"):
         layer_tables(mean, rstd, None, None, bits=3, store_output=True)
+    with pytest.raises(InputError, match="shape"):
+        layer_tables(mean, torch.ones(2, 3), None, None, bits=None, store_output=True)
+    with pytest.raises(InputError, match="multiple of G=3"):
+        layer_tables(torch.zeros(2, 3), torch.ones(2, 3), None, None, bits=None, store_output=True, channels=4)
+    with pytest.raises(InputError, match="per channel"):
+        layer_tables(torch.zeros(2, 3), torch.ones(2, 3), None, None, bits=4, store_output=True, channels=6)
     v = torch.randn(2, 3, 4)
     p = pack_anchored(v, 4, mean=mean, std=rstd)
     with pytest.raises(InputError, match=r"\(3, 3\) table"):
@@ -708,6 +736,16 @@ def test_triton_layer_tables_match_pytorch(case, store_output, bits):
     tri = layer_tables(*args, bits=bits, store_output=store_output, backend="triton")
     assert torch.equal(tri[1], ref[1])
     assert (tri[0] is None and ref[0] is None) or torch.equal(tri[0], ref[0])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", LAYER_CASES)
+@pytest.mark.parametrize("store_output", [True, False])
+def test_triton_per_sample_layer_tables_match_pytorch(case, store_output):
+    args = _group_case(case, samples=5, groups=4, channels=320)  # 1,600 entries: two programs
+    ref = layer_tables(*args, bits=None, store_output=store_output, channels=320, backend="torch")
+    tri = layer_tables(*args, bits=None, store_output=store_output, channels=320, backend="triton")
+    assert torch.equal(tri[1], ref[1])
 
 
 @needs_interpreter

@@ -221,7 +221,7 @@ def _layer_kernels_once(y: torch.Tensor, grad: torch.Tensor, stats: tuple) -> li
     rebuilt = quantize.unpack(packed, activation=quantize.Activation("relu"), scale=floats[0], shift=floats[1])
     groups, mask = quantize.pack_groups(y, 4), quantize.pack_positive_mask(y)
     return [
-        grid, floats, packed.codes, packed.flags, rebuilt, *quantize.batch_norm_backward(packed, grad, floats[2:]),
+        grid, floats, packed.codes, packed.flags, rebuilt, *quantize.batch_norm_backward(packed, grad, floats[2:5]),
         groups.codes, quantize.unpack(groups), mask.codes, quantize.unpack(mask, dtype=torch.float32),
     ]  # fmt: skip
 
