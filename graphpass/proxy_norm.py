@@ -91,18 +91,20 @@ def _activation_backward(grad: torch.Tensor, h: torch.Tensor, activation: str, n
     return grad
 
 
-_QUANTILES: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+_QUANTILES: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _quantiles(num_points: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Phi^-1((i + 1/2) / N). Cached outside any module, so ``model.half()`` cannot degrade it; built
-    afresh for fake, meta and inference-mode tensors and while a CUDA graph is captured."""
+def _quantiles(num_points: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi^-1((i + 1/2) / N), as (N,) and as an (N, 1) column. Cached outside any module, so
+    ``model.half()`` cannot degrade it; built afresh for fake, meta and inference-mode tensors and
+    while a CUDA graph is captured."""
     key = (num_points, device, dtype)
     q = _QUANTILES.get(key)
     if q is None:
         i = torch.arange(num_points, device=device, dtype=dtype)
-        q = torch.special.ndtri((i + 0.5) / num_points)
-        if _cacheable(q):
+        row = torch.special.ndtri((i + 0.5) / num_points)
+        q = (row, row.view(-1, 1))
+        if _cacheable(row):
             _QUANTILES[key] = q
     return q
 
@@ -122,16 +124,12 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 def _proxy_points(
     weight: torch.Tensor, bias: torch.Tensor, proxy_weight: torch.Tensor, proxy_bias: torch.Tensor, num_points: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, h): the quantiles and h[c, i] = gamma_c * (beta~_c + (1 + gamma~_c) q_i) + beta_c, >= float32."""
+    """(q, h): the N quantiles and h[i, c] = gamma_c * (beta~_c + (1 + gamma~_c) q_i) + beta_c, (N, C),
+    >= float32. Points along dim 0, so the (C,) parameters broadcast without a view each."""
     dtype = _stats_dtype(weight.dtype)
-    q = _quantiles(num_points, weight.device, dtype)
-    proxy = torch.addcmul(_column(proxy_bias, dtype), _column(1 + proxy_weight.to(dtype), dtype), q)
-    return q, torch.addcmul(_column(bias, dtype), _column(weight, dtype), proxy)
-
-
-def _column(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(C,) -> (C, 1) in ``dtype``: one view (``t[:, None]`` costs a slice and an unsqueeze)."""
-    return t.to(dtype).view(-1, 1)
+    q, q_column = _quantiles(num_points, weight.device, dtype)
+    proxy = torch.addcmul(proxy_bias.to(dtype), 1 + proxy_weight.to(dtype), q_column)
+    return q, torch.addcmul(bias.to(dtype), weight.to(dtype), proxy)
 
 
 def proxy_statistics(
@@ -147,7 +145,7 @@ def proxy_statistics(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(mu~, 1/sqrt(sigma~^2 + proxy_eps))`` of the proxy, differentiable, >= float32."""
     _, h = _proxy_points(weight, bias, proxy_weight, proxy_bias, num_points)
-    var, mean = torch.var_mean(Activation(activation, negative_slope)(h), dim=1, correction=0)
+    var, mean = torch.var_mean(Activation(activation, negative_slope)(h), dim=0, correction=0)
     return mean, torch.rsqrt(var + proxy_eps)
 
 
@@ -156,7 +154,7 @@ def _proxy_statistics_grads(
     grad_inv_std: torch.Tensor, *, activation: str, negative_slope: float, num_points: int,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Gradients of :func:`proxy_statistics` for ``params`` (gamma, beta, gamma~, beta~) in closed form,
-    given its outputs ``mu``/``inv_std`` and their gradients: one pass over the (C, N) points instead
+    given its outputs ``mu``/``inv_std`` and their gradients: one pass over the (N, C) points instead
     of autograd recomputing and differentiating them.
 
     With p_i = act(h_i), mu = mean(p), inv = (var(p) + eps)^-1/2: dL/dp_i = G_mu / N - G_inv inv^3
@@ -167,12 +165,12 @@ def _proxy_statistics_grads(
     q, h = _proxy_points(weight, bias, proxy_weight, proxy_bias, num_points)
     p = Activation(activation, negative_slope)(h)
     coef = grad_inv_std * inv_std.pow(3) * (-1.0 / num_points)
-    grad_p = torch.addcmul(_column(grad_mu * (1.0 / num_points) - coef * mu, q.dtype), p, _column(coef, q.dtype))
+    grad_p = torch.addcmul((grad_mu * (1.0 / num_points) - coef * mu).to(q.dtype), p, coef.to(q.dtype))
     grad_h = _activation_backward(grad_p, h, activation, negative_slope)
     # Identity: beta and beta~ shift every point alike, so only mu~ sees them and S0 is G_mu exactly; a
     # sum over the points would leave rounding where the runtime's beta gradient must cancel to zero.
-    s0 = grad_mu if activation == "identity" else grad_h.sum(1)
-    s1 = grad_h @ q
+    s0 = grad_mu if activation == "identity" else grad_h.sum(0)
+    s1 = q @ grad_h
     dtype = q.dtype
     gamma = weight.to(dtype)
     grad_gamma = torch.addcmul(proxy_bias.to(dtype) * s0, 1 + proxy_weight.to(dtype), s1)
@@ -191,14 +189,15 @@ def _sizes(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _affine_from_stats(
-    mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, channels: int
+    mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shape: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(sample, channel) scale and shift with ``gamma * groupnorm(x) + beta == x * scale + shift``."""
-    groups = mean.shape[1]
-    per_group = channels // groups
-    rstd_c = rstd.repeat_interleave(per_group, dim=1)
-    scale = rstd_c * weight
-    return scale, bias - mean.repeat_interleave(per_group, dim=1) * scale
+    """Per-(sample, channel) scale and shift with ``gamma * groupnorm(x) + beta == x * scale + shift``,
+    viewed as ``shape`` (N, C, 1, ...). Computed as (N, G, C/G), where the (N, G) statistics and the
+    (C,) parameters broadcast without copies."""
+    samples, groups = mean.shape
+    scale = rstd.view(samples, groups, 1) * weight.view(groups, -1)
+    shift = bias.view(groups, -1) - mean.view(samples, groups, 1) * scale
+    return scale.view(shape), shift.view(shape)
 
 
 class _ProxyNormActFunction(torch.autograd.Function):
@@ -245,8 +244,8 @@ class _ProxyNormActFunction(torch.autograd.Function):
         # once_differentiable runs this under no_grad: nothing here records history, no detach needed.
         w = weight.to(dtype)
         b = bias.to(dtype)
-        scale, shift = _affine_from_stats(mean, rstd, w, b, c)
-        h = torch.addcmul(shift.reshape(n, c, *(1,) * (nd - 2)), xc, scale.reshape(n, c, *(1,) * (nd - 2)))
+        scale, shift = _affine_from_stats(mean, rstd, w, b, (n, c) + (1,) * (nd - 2))
+        h = torch.addcmul(shift, xc, scale)
         # For identity grad_h_raw is g: reuse the group-norm kernel's sum (saves a pass, and the
         # beta gradient, exactly zero in theory, then cancels exactly).
         grad_sum = None if activation == "identity" else g.sum(reduce_dims)
