@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from graphpass import quantize
 from graphpass.errors import InputError
 from graphpass.quantize import Activation
 
@@ -149,9 +150,42 @@ def proxy_statistics(
     return mean, torch.rsqrt(var + proxy_eps)
 
 
+def _proxy_kernels(params: tuple[torch.Tensor, ...], activation: str, negative_slope: float, num_points: int, backend: str | None):
+    """(graphpass's Triton kernels, the activation's code, the quantiles) where the kernels compute
+    the proxy statistics of ``params``: float32 statistics on a kernel device, an activation they
+    have a form of, at most their number of points; else None (eager ops). The quantiles decide the
+    device (:func:`graphpass.quantize._kernels_for`): under FakeTensorMode they are fake, the
+    parameters not."""
+    weight = params[0]
+    if _stats_dtype(weight.dtype) != torch.float32 or not all(t.is_contiguous() for t in params):
+        return None
+    q, _ = _quantiles(num_points, weight.device, torch.float32)
+    kernels = quantize._kernels_for(q, backend)
+    if kernels is None or num_points > kernels.MAX_PROXY_POINTS:
+        return None
+    code = kernels.activation_code(Activation(activation, negative_slope))
+    return None if code is None else (kernels, code, q)
+
+
+def _statistics(
+    params: tuple[torch.Tensor, ...], *, activation: str, negative_slope: float, proxy_eps: float, num_points: int,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`proxy_statistics` of ``params`` (gamma, beta, gamma~, beta~) without autograd history:
+    one launch on CUDA, the eager ops elsewhere."""
+    found = _proxy_kernels(params, activation, negative_slope, num_points, backend)
+    if found is None:
+        return proxy_statistics(
+            *params, activation=activation, negative_slope=negative_slope, proxy_eps=proxy_eps, num_points=num_points
+        )
+    kernels, code, q = found
+    mu, inv_std = kernels.proxy_statistics(params, q, code, negative_slope, proxy_eps).unbind(0)
+    return mu, inv_std
+
+
 def _proxy_statistics_grads(
     params: tuple[torch.Tensor, ...], mu: torch.Tensor, inv_std: torch.Tensor, grad_mu: torch.Tensor,
-    grad_inv_std: torch.Tensor, *, activation: str, negative_slope: float, num_points: int,
+    grad_inv_std: torch.Tensor, *, activation: str, negative_slope: float, num_points: int, backend: str | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Gradients of :func:`proxy_statistics` for ``params`` (gamma, beta, gamma~, beta~) in closed form,
     given its outputs ``mu``/``inv_std`` and their gradients: one pass over the (N, C) points instead
@@ -160,7 +194,13 @@ def _proxy_statistics_grads(
     With p_i = act(h_i), mu = mean(p), inv = (var(p) + eps)^-1/2: dL/dp_i = G_mu / N - G_inv inv^3
     (p_i - mu) / N; h_i = gamma (beta~ + (1 + gamma~) q_i) + beta, so with S0 = sum_i dL/dh_i and
     S1 = sum_i dL/dh_i q_i the gradients are beta~ S0 + (1 + gamma~) S1, S0, gamma S1, gamma S0.
+    One launch on CUDA (float32 statistics), the eager ops elsewhere.
     """
+    found = _proxy_kernels(params, activation, negative_slope, num_points, backend)
+    stats = (mu, inv_std, grad_mu, grad_inv_std)
+    if found is not None and all(t.dtype == torch.float32 and t.is_contiguous() for t in stats):
+        kernels, code, q = found
+        return tuple(kernels.proxy_statistics_grads(params, q, *stats, code, negative_slope).unbind(0))
     weight, bias, proxy_weight, proxy_bias = params
     q, h = _proxy_points(weight, bias, proxy_weight, proxy_bias, num_points)
     p = Activation(activation, negative_slope)(h)
@@ -213,10 +253,10 @@ class _ProxyNormActFunction(torch.autograd.Function):
         dtype = _stats_dtype(x.dtype)
         n, c, hw = _sizes(x)
         h, mean, rstd = torch.native_group_norm(x.to(dtype), weight.to(dtype), bias.to(dtype), n, c, hw, groups, eps)
-        mu, inv_std = proxy_statistics(
-            weight, bias, proxy_weight, proxy_bias,
+        mu, inv_std = _statistics(
+            (weight, bias, proxy_weight, proxy_bias),
             activation=activation, negative_slope=negative_slope, proxy_eps=proxy_eps, num_points=num_points,
-        )
+        )  # fmt: skip
         nd = x.dim()
         out = torch.addcmul(_channel_view(-mu * inv_std, nd), Activation(activation, negative_slope)(h), _channel_view(inv_std, nd))
         # Only x and per-(sample, group) statistics: everything else is rebuilt in backward. The

@@ -28,6 +28,8 @@ __all__ = [
     "anchored_channel_sums",
     "layer_tables",
     "batch_norm_grad_tables",
+    "proxy_statistics",
+    "proxy_statistics_grads",
     "activation_code",
     "mask_pack",
     "mask_unpack",
@@ -625,6 +627,110 @@ def layer_tables(mean, rstd, gamma, beta, bits: int | None, store_output: bool, 
         enable_fp_fusion=False,
     )  # fmt: skip
     return grid, floats
+
+
+# ----------------------------------------------------------------------------- Proxy Norm statistics
+# PN-Act's per-channel proxy statistics and their gradients, over (C, N) quadrature points that
+# depend on the parameters only: one launch each, instead of about 7 and 20 eager ops per layer.
+
+_PROXY_TILE = 4096  # points per program: BLOCK_C channels of BLOCK_P points
+MAX_PROXY_POINTS = _PROXY_TILE
+
+
+@triton.jit
+def _activation_grad(g, h, ACTIVATION: tl.constexpr, negative_slope):
+    # dL/dh from dL/dact(h), as aten's backward ops of each activation compute it.
+    if ACTIVATION == 1:  # threshold_backward
+        g = tl.where(h > 0, g, 0.0)
+    elif ACTIVATION == 2:  # hardtanh_backward
+        g = tl.where((h > 0) & (h < 6.0), g, 0.0)
+    elif ACTIVATION == 3:  # leaky_relu_backward
+        g = tl.where(h > 0, g, g * negative_slope)
+    elif ACTIVATION == 4:  # hardswish_backward
+        g = tl.where(h < -3.0, 0.0, tl.where(h <= 3.0, g * (h / 3.0 + 0.5), g))
+    elif ACTIVATION == 5:  # silu_backward
+        s = 1.0 / (1.0 + tl.exp(-h))
+        g = g * s * (1.0 + h * (1.0 - s))
+    elif ACTIVATION == 6:  # gelu_backward (erf)
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327
+        g = g * (cdf + h * pdf)
+    return g
+
+
+@direct_launch
+@triton.jit
+def _proxy_statistics_kernel(
+    w_ptr, b_ptr, pw_ptr, pb_ptr, q_ptr, mu_ptr, inv_ptr, grad_mu_ptr, grad_inv_ptr, out_ptr, channels, num_points,
+    negative_slope, eps,
+    ACTIVATION: tl.constexpr, BACKWARD: tl.constexpr, ON_CUDA: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    # graphpass.proxy_norm.proxy_statistics (forward: out = (mu~, 1/std~)) or _proxy_statistics_grads
+    # (BACKWARD: from mu~, 1/std~ and their gradients, out = the gradients of gamma, beta, gamma~,
+    # beta~), over the points h[c, i] = gamma (beta~ + (1 + gamma~) q_i) + beta.
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    inside = c < channels
+    i = tl.arange(0, BLOCK_P)
+    valid = inside[:, None] & (i < num_points)[None, :]
+    q = tl.load(q_ptr + i, mask=i < num_points, other=0.0)[None, :]
+    w = tl.load(w_ptr + c, mask=inside, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + c, mask=inside, other=0.0).to(tl.float32)
+    pw = tl.load(pw_ptr + c, mask=inside, other=0.0).to(tl.float32)
+    pb = tl.load(pb_ptr + c, mask=inside, other=0.0).to(tl.float32)
+    h = b[:, None] + w[:, None] * (pb[:, None] + (1.0 + pw)[:, None] * q)
+    p = _activate(h, ACTIVATION, negative_slope, ON_CUDA)
+    inv_n = 1.0 / num_points
+    if BACKWARD:
+        mu = tl.load(mu_ptr + c, mask=inside, other=0.0)
+        inv_std = tl.load(inv_ptr + c, mask=inside, other=0.0)
+        grad_mu = tl.load(grad_mu_ptr + c, mask=inside, other=0.0)
+        grad_inv = tl.load(grad_inv_ptr + c, mask=inside, other=0.0)
+        coef = grad_inv * inv_std * inv_std * inv_std * -inv_n
+        grad_p = (grad_mu * inv_n - coef * mu)[:, None] + p * coef[:, None]
+        grad_h = tl.where(valid, _activation_grad(grad_p, h, ACTIVATION, negative_slope), 0.0)
+        # Identity: only mu~ sees beta and beta~, so S0 is G_mu exactly (see _proxy_statistics_grads).
+        if ACTIVATION == 0:
+            s0 = grad_mu
+        else:
+            s0 = tl.sum(grad_h, axis=1)
+        s1 = tl.sum(grad_h * q, axis=1)
+        tl.store(out_ptr + c, pb * s0 + (1.0 + pw) * s1, mask=inside)
+        tl.store(out_ptr + channels + c, s0, mask=inside)
+        tl.store(out_ptr + 2 * channels + c, w * s1, mask=inside)
+        tl.store(out_ptr + 3 * channels + c, w * s0, mask=inside)
+    else:
+        mean = tl.sum(tl.where(valid, p, 0.0), axis=1) * inv_n
+        centered = tl.where(valid, p - mean[:, None], 0.0)
+        var = tl.sum(centered * centered, axis=1) * inv_n
+        tl.store(out_ptr + c, mean, mask=inside)
+        tl.store(out_ptr + channels + c, 1.0 / tl.sqrt(var + eps), mask=inside)
+
+
+def _proxy_launch(params, q, stats_and_grads, activation: int, negative_slope: float, eps: float) -> torch.Tensor:
+    weight = params[0]
+    channels, num_points = weight.numel(), q.numel()
+    backward = stats_and_grads is not None
+    out = torch.empty(4 if backward else 2, channels, dtype=torch.float32, device=weight.device)
+    block_p = _next_power_of_2(num_points)
+    _proxy_statistics_kernel[(_cdiv(channels, max(1, _PROXY_TILE // block_p)),)](
+        *params, q, *(stats_and_grads if backward else (out, out, out, out)), out, channels, num_points,
+        negative_slope, eps,
+        ACTIVATION=activation, BACKWARD=backward, ON_CUDA=weight.is_cuda, BLOCK_C=max(1, _PROXY_TILE // block_p),
+        BLOCK_P=block_p, num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    return out
+
+
+def proxy_statistics(params, q, activation: int, negative_slope: float, eps: float) -> torch.Tensor:
+    """graphpass.proxy_norm.proxy_statistics as a (2, C) float32 table (mu~, 1/std~); ``params`` =
+    (gamma, beta, gamma~, beta~), C each; ``q``: the N <= MAX_PROXY_POINTS float32 quantiles."""
+    return _proxy_launch(params, q, None, activation, negative_slope, eps)
+
+
+def proxy_statistics_grads(params, q, mu, inv_std, grad_mu, grad_inv_std, activation: int, negative_slope: float) -> torch.Tensor:
+    """graphpass.proxy_norm._proxy_statistics_grads as a (4, C) float32 table; ``mu``, ``inv_std`` and
+    their gradients: C float32 each."""
+    return _proxy_launch(params, q, (mu, inv_std, grad_mu, grad_inv_std), activation, negative_slope, 0.0)
 
 
 # ----------------------------------------------------------------------------- 1-bit mask

@@ -1,6 +1,7 @@
 """ProxyNormAct: reference values, gradients against a plain eager implementation, gradcheck,
 memory (what autograd keeps), dtypes, errors, optimizer parameter groups."""
 
+import collections
 import copy
 
 import pytest
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphpass as gp
+from graphpass import quantize
 from graphpass.proxy_norm import ACTIVATIONS, ProxyNormAct, ScaledGroupNorm, proxy_norm_act
+from tests.test_quantize import needs_interpreter
 
 
 
@@ -80,12 +83,29 @@ def test_reference_values_at_init(activation, mu, var, inv_std):
     assert (m.num_points, m.proxy_eps) == (200, 0.03)
 
 
+@pytest.fixture(params=["eager", pytest.param("triton", marks=needs_interpreter)])
+def statistics_launches(request, monkeypatch):
+    """The proxy statistics from eager ops, or from the Triton kernels as on CUDA (the interpreter runs
+    them on CPU tensors); counts the kernels' launches."""
+    launches = collections.Counter()
+    if request.param == "triton":
+        from graphpass import triton_kernels
+
+        monkeypatch.setattr(quantize, "KERNEL_DEVICES", ("cuda", "cpu"))
+        for name in ("proxy_statistics", "proxy_statistics_grads"):
+            kernel = getattr(triton_kernels, name)
+            monkeypatch.setattr(triton_kernels, name, lambda *a, _k=kernel, _n=name: (launches.update([_n]), _k(*a))[1])
+    return request.param, launches
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 # (N, C) has no spatial extent: 32 channels keep groups of 8 values (two-value groups are ill-conditioned).
 @pytest.mark.parametrize("shape", [(4, 8, 5, 6), (5, 32), (2, 8, 3, 4, 2)], ids=["2d", "1d", "3d"])
-def test_matches_eager_forward_and_all_gradients(activation, shape):
+def test_matches_eager_forward_and_all_gradients(activation, shape, statistics_launches):
     """Fused float32 against the eager formula evaluated in float64 (so the reference's own
-    rounding does not count: the identity's beta gradient, for one, is exactly zero)."""
+    rounding does not count: the identity's beta gradient, for one, is exactly zero). The proxy
+    statistics come from eager ops, or from the Triton kernels (mish has no kernel form)."""
+    path, launches = statistics_launches
     m = make(activation, channels=shape[1])
     m64 = copy.deepcopy(m).double()
     x = 2 * torch.randn(shape) + 0.5
@@ -97,6 +117,8 @@ def test_matches_eager_forward_and_all_gradients(activation, shape):
     torch.testing.assert_close(out, out_ref.float(), rtol=1e-5, atol=1e-5)
     for name, g, g_ref in zip(["input", "weight", "bias", "proxy_weight", "proxy_bias"], grads, ref_grads):
         torch.testing.assert_close(g, g_ref.float(), rtol=1e-5, atol=1e-5, msg=lambda s: f"{activation} {name}: {s}")
+    kernel_launches = 1 if path == "triton" and activation != "mish" else 0
+    assert launches == collections.Counter({"proxy_statistics": kernel_launches, "proxy_statistics_grads": kernel_launches})
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

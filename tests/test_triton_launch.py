@@ -172,10 +172,17 @@ def test_graphpass_kernels_launch_directly_unless_turned_off(monkeypatch):
 
 
 @pytest.mark.slow
-def test_every_kernel_of_a_training_step_ends_up_launching_directly(stub_driver, monkeypatch):
+@pytest.mark.parametrize(
+    "norm, kernels_used",
+    [
+        ("keep", {"_layer_tables_kernel", "_anchored_channel_sums_kernel", "_mask_pack_kernel"}),
+        ("gn+pn", {"_layer_tables_kernel", "_anchored_table_kernel", "_proxy_statistics_kernel"}),
+    ],
+)
+def test_every_kernel_of_a_training_step_ends_up_launching_directly(stub_driver, monkeypatch, norm, kernels_used):
     """resnet18's compressed step through the runtime's CUDA path (CPU tensors, stub compiled kernels
-    that compute nothing): each kernel's real call sites pass the checks, so after two steps no
-    launch goes through Triton."""
+    that compute nothing), with its BatchNorms or GroupNorm + PN-Act: each kernel's real call sites
+    pass the checks, so after two steps no launch goes through Triton."""
     import torch.nn.functional as F
 
     import graphpass as gp
@@ -191,15 +198,14 @@ def test_every_kernel_of_a_training_step_ends_up_launching_directly(stub_driver,
     monkeypatch.setattr(runtime, "MIN_PACKED_NUMEL", 64)  # tiny tensors take the full-size paths
     torch.manual_seed(0)
     x, labels = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
-    gm = gp.transform(gp.load_model("torchvision:resnet18").train(), (x,), bits=4)
+    gm = gp.transform(gp.load_model("torchvision:resnet18").train(), (x,), bits=4, norm=norm)
     through_triton = {name: _through_triton_count(launcher, monkeypatch) for name, launcher in launchers.items()}
     for _ in range(2):  # each key: Triton's launch, then Triton's launch recorded and checked
         F.cross_entropy(gm(x), labels).backward()
     before = {name: count[0] for name, count in through_triton.items()}
     F.cross_entropy(gm(x), labels).backward()
     used = {name for name, launcher in launchers.items() if launcher._entries}
-    assert used >= {"_anchored_pack_kernel", "_anchored_unpack_kernel", "_anchored_channel_sums_kernel",
-                    "_layer_tables_kernel", "_group_pack_kernel", "_mask_pack_kernel"}  # fmt: skip
+    assert used >= {"_anchored_pack_kernel", "_anchored_unpack_kernel", "_group_pack_kernel", *kernels_used}
     for name in used:
         launcher = launchers[name]
         assert launcher._direct and all(entry.tail is not None for entry in launcher._entries.values()), name
@@ -208,12 +214,13 @@ def test_every_kernel_of_a_training_step_ends_up_launching_directly(stub_driver,
 
 _LAYER_KERNELS = (
     "_layer_tables_kernel", "_anchored_pack_kernel", "_anchored_unpack_kernel", "_anchored_channel_sums_kernel",
-    "_group_pack_kernel", "_group_unpack_kernel", "_mask_pack_kernel", "_mask_unpack_kernel",
+    "_group_pack_kernel", "_group_unpack_kernel", "_mask_pack_kernel", "_mask_unpack_kernel", "_proxy_statistics_kernel",
 )  # fmt: skip
 
 
 def _layer_kernels_once(y: torch.Tensor, grad: torch.Tensor, stats: tuple) -> list[torch.Tensor]:
-    """One BatchNorm layer's kernels, forward and backward, and the generic and mask kernels."""
+    """One BatchNorm layer's kernels, forward and backward, the generic and mask kernels, and a
+    GroupNorm + PN-Act layer's tables and proxy statistics (forward and backward)."""
     from graphpass import quantize
 
     grid, floats = quantize.layer_tables(*stats, bits=4, store_output=True)
@@ -223,7 +230,18 @@ def _layer_kernels_once(y: torch.Tensor, grad: torch.Tensor, stats: tuple) -> li
     return [
         grid, floats, packed.codes, packed.flags, rebuilt, *quantize.batch_norm_backward(packed, grad, floats[2:5]),
         groups.codes, quantize.unpack(groups), mask.codes, quantize.unpack(mask, dtype=torch.float32),
+        *_group_norm_layer_kernels(stats),
     ]  # fmt: skip
+
+
+def _group_norm_layer_kernels(params: tuple) -> list[torch.Tensor]:
+    from graphpass import proxy_norm, quantize
+
+    per_group = (params[0].view(4, 16), params[1].view(4, 16))  # 4 samples, 16 groups of the 64 channels
+    floats = quantize.layer_tables(*per_group, params[2], params[3], bits=None, store_output=True, channels=64)[1]
+    pn = dict(activation="silu", negative_slope=0.01, num_points=200)
+    mu, inv_std = proxy_norm._statistics(params, proxy_eps=0.03, **pn)
+    return [floats, mu, inv_std, *proxy_norm._proxy_statistics_grads(params, mu, inv_std, params[0], params[3], **pn)]
 
 
 @pytest.mark.gpu
