@@ -258,13 +258,16 @@ class _ProxyNormActFunction(torch.autograd.Function):
             activation=activation, negative_slope=negative_slope, proxy_eps=proxy_eps, num_points=num_points,
         )  # fmt: skip
         nd = x.dim()
-        out = torch.addcmul(_channel_view(-mu * inv_std, nd), Activation(activation, negative_slope)(h), _channel_view(inv_std, nd))
+        output_map = (_channel_view(inv_std, nd), _channel_view(-mu * inv_std, nd))
+        out = torch.addcmul(output_map[1], Activation(activation, negative_slope)(h), output_map[0])
         # Only x and per-(sample, group) statistics: everything else is rebuilt in backward. The
         # proxy statistics (C floats each, depending on the parameters only) are kept as they are:
-        # backward and graphpass's layer mode read them instead of computing them again. The layer
-        # mode also reads the group statistics here: through saved_tensors it would unpack all seven.
+        # backward reads them instead of computing them again, graphpass's layer mode reads them and
+        # the map act(h) -> out. The layer mode also reads the group statistics here: through
+        # saved_tensors it would unpack all seven.
         ctx.save_for_backward(x, mean, rstd, weight, bias, proxy_weight, proxy_bias)
         ctx.proxy_stats = (mu, inv_std)
+        ctx.output_map = output_map
         ctx.group_stats = (mean, rstd)
         ctx.config = (groups, activation, negative_slope, num_points)
         return out.to(x.dtype)

@@ -490,7 +490,7 @@ def _norm_statistics(y: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Te
     if node is None or y.dim() < 2:
         return None
     try:
-        if norm == "proxy_norm":  # ProxyNormAct's function keeps them beside (mu~, 1/std~), read by _fill_layer
+        if norm == "proxy_norm":  # ProxyNormAct's function keeps them beside its output map, read by _fill_layer
             mean, rstd = node.group_stats
         else:
             mean, rstd = node._saved_result1, node._saved_result2
@@ -504,10 +504,6 @@ def _norm_statistics(y: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Te
     else:
         ok = mean.dim() == 2 and mean.shape[0] == y.shape[0] and mean.shape[1] > 0 and channels % mean.shape[1] == 0
     return (mean.float(), rstd.float()) if ok and rstd.shape == mean.shape else None
-
-
-def _channel(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return t.reshape((1, -1) + (1,) * (y.dim() - 2))
 
 
 def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -723,9 +719,7 @@ class _Session:
             target = y
             if norm == "proxy_norm":
                 # ProxyNormAct keeps h inside its fused function: materialise it once to store it.
-                mu, inv_std = (_as_dtype(t, torch.float32) for t in y.grad_fn.proxy_stats)
-                layer.post_scale = _channel(inv_std, y)
-                layer.post_shift = -_channel(mu * inv_std, y)
+                layer.post_scale, layer.post_shift = (_as_dtype(t, torch.float32) for t in y.grad_fn.output_map)
                 layer.activation = Activation(activation.name if activation.name != "identity" else "none", activation.negative_slope)
                 target = torch.addcmul(h_shift, x, h_scale)
             elif not store_output:
