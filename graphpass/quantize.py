@@ -563,7 +563,7 @@ def layer_tables(
     beta = torch.zeros(channels, device=device) if beta is None else _flat_float32(beta, device)
     mean, rstd = _flat_float32(mean, device), _flat_float32(rstd, device)
     if per_sample:  # one entry per (sample, channel): each channel takes its group's statistics
-        per_group = channels // max(groups, 1)
+        per_group = channels // groups
         mean, rstd = (t.repeat_interleave(per_group) for t in (mean, rstd))
         gamma, beta = gamma.repeat(samples), beta.repeat(samples)
     maps = layer_maps(mean, rstd, gamma, beta, store_output=store_output)
