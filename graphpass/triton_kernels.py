@@ -712,11 +712,12 @@ def _proxy_launch(params, q, stats_and_grads, activation: int, negative_slope: f
     backward = stats_and_grads is not None
     out = torch.empty(4 if backward else 2, channels, dtype=torch.float32, device=weight.device)
     block_p = _next_power_of_2(num_points)
-    _proxy_statistics_kernel[(_cdiv(channels, max(1, _PROXY_TILE // block_p)),)](
+    block_c = max(1, _PROXY_TILE // block_p)
+    _proxy_statistics_kernel[(_cdiv(channels, block_c),)](
         *params, q, *(stats_and_grads if backward else (out, out, out, out)), out, channels, num_points,
         negative_slope, eps,
-        ACTIVATION=activation, BACKWARD=backward, ON_CUDA=weight.is_cuda, BLOCK_C=max(1, _PROXY_TILE // block_p),
-        BLOCK_P=block_p, num_warps=_NUM_WARPS,
+        ACTIVATION=activation, BACKWARD=backward, ON_CUDA=weight.is_cuda, BLOCK_C=block_c, BLOCK_P=block_p,
+        num_warps=_NUM_WARPS,
     )  # fmt: skip
     return out
 
