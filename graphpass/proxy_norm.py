@@ -66,32 +66,6 @@ class NormRecord:
     activation_node: str  # name of the activation node folded into PN-Act ("" if none)
 
 
-# Positively homogeneous activations: act(h) == h * act'(h). Their backward needs neither the
-# activation output nor a separate reduction for the proxy-variance gradient.
-_HOMOGENEOUS = ("relu", "leaky_relu", "identity")
-
-
-def _activation_backward(grad: torch.Tensor, h: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
-    """dL/dh from dL/dact(h): the op autograd's own backward of each activation runs, so boundary
-    conventions (kinks, NaN) match eager."""
-    aten = torch.ops.aten
-    if activation == "relu":
-        return aten.threshold_backward(grad, h, 0)
-    if activation == "relu6":
-        return aten.hardtanh_backward(grad, h, 0.0, 6.0)
-    if activation == "leaky_relu":
-        return aten.leaky_relu_backward(grad, h, negative_slope, False)
-    if activation == "silu":
-        return aten.silu_backward(grad, h)
-    if activation == "gelu":
-        return aten.gelu_backward(grad, h)
-    if activation == "hardswish":
-        return aten.hardswish_backward(grad, h)
-    if activation == "mish":
-        return aten.mish_backward(grad, h)
-    return grad
-
-
 _QUANTILES: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -203,10 +177,11 @@ def _proxy_statistics_grads(
         return tuple(kernels.proxy_statistics_grads(params, q, *stats, code, negative_slope).unbind(0))
     weight, bias, proxy_weight, proxy_bias = params
     q, h = _proxy_points(weight, bias, proxy_weight, proxy_bias, num_points)
-    p = Activation(activation, negative_slope)(h)
+    act = Activation(activation, negative_slope)
+    p = act(h)
     coef = grad_inv_std * inv_std.pow(3) * (-1.0 / num_points)
     grad_p = torch.addcmul((grad_mu * (1.0 / num_points) - coef * mu).to(q.dtype), p, coef.to(q.dtype))
-    grad_h = _activation_backward(grad_p, h, activation, negative_slope)
+    grad_h = act.backward(grad_p, h)
     # Identity: beta and beta~ shift every point alike, so only mu~ sees them and S0 is G_mu exactly; a
     # sum over the points would leave rounding where the runtime's beta gradient must cancel to zero.
     s0 = grad_mu if activation == "identity" else grad_h.sum(0)
@@ -266,6 +241,7 @@ class _ProxyNormActFunction(torch.autograd.Function):
         # the map act(h) -> out. The layer mode also reads the group statistics here: through
         # saved_tensors it would unpack all seven.
         ctx.save_for_backward(x, mean, rstd, weight, bias, proxy_weight, proxy_bias)
+        ctx.parameters = (weight, bias, proxy_weight, proxy_bias)  # for the layer mode's backward from its copy
         ctx.proxy_stats = (mu, inv_std)
         ctx.output_map = output_map
         ctx.group_stats = (mean, rstd)
@@ -293,32 +269,44 @@ class _ProxyNormActFunction(torch.autograd.Function):
         # beta gradient, exactly zero in theory, then cancels exactly).
         grad_sum = None if activation == "identity" else g.sum(reduce_dims)
         # grad_h_raw = dL/dz * act'(h) without the 1/std~ factor, which rides on the group-norm weight.
-        grad_h_raw = _activation_backward(g, h, activation, negative_slope)
-        if activation not in _HOMOGENEOUS:
-            grad_z_dot_z = (g * Activation(activation, negative_slope)(h)).sum(reduce_dims)
+        act = Activation(activation, negative_slope)
+        grad_h_raw = act.backward(g, h)
+        if not act.homogeneous:
+            grad_z_dot_z = (g * act(h)).sum(reduce_dims)
         del g, h
         grad_x, grad_w_raw, grad_b_raw = torch.ops.aten.native_group_norm_backward(
             grad_h_raw, xc, mean, rstd, w * inv, n, c, hw, groups, [True, True, True]
         )
-        if activation in _HOMOGENEOUS:
+        if act.homogeneous:
             # act(h) = h * act'(h), so sum(dL/dz * z) = sum(grad_h_raw * (w * y + b)): no extra pass.
             grad_z_dot_z = w * grad_w_raw + b * grad_b_raw
         if grad_sum is None:
             grad_sum = grad_b_raw
-        grad_weight, grad_bias = inv * grad_w_raw, inv * grad_b_raw
-        proxy_grads = _proxy_statistics_grads(
-            (weight, bias, proxy_weight, proxy_bias), mu, inv,
-            -inv * grad_sum, grad_z_dot_z - mu * grad_sum,
-            activation=activation, negative_slope=negative_slope, num_points=num_points,
-        )  # fmt: skip
-        return (
-            grad_x.to(x.dtype),
-            (grad_weight + proxy_grads[0]).to(weight.dtype),
-            (grad_bias + proxy_grads[1]).to(bias.dtype),
-            proxy_grads[2].to(proxy_weight.dtype),
-            proxy_grads[3].to(proxy_bias.dtype),
-            None, None, None, None, None, None,
-        )
+        grads = (inv * grad_w_raw, inv * grad_b_raw, -inv * grad_sum, grad_z_dot_z - mu * grad_sum)
+        params = (weight, bias, proxy_weight, proxy_bias)
+        return (grad_x.to(x.dtype), *parameter_grads(params, mu, inv, grads, ctx.config), None, None, None, None, None, None)
+
+
+def parameter_grads(
+    params: tuple[torch.Tensor, ...], mu: torch.Tensor, inv_std: torch.Tensor, grads: tuple[torch.Tensor, ...], config: tuple
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """PN-Act's gradients of ``params`` (gamma, beta, gamma~, beta~), in their dtypes, from the four
+    per-channel gradients its backward reduces to (the rows of
+    :func:`graphpass.quantize.group_norm_backward`): of gamma and beta through the normalized
+    pre-activation, and of the proxy statistics mu~ and 1/std~, which pass theirs on to all four.
+    ``config``: the fused function's (groups, activation, negative_slope, num_points)."""
+    _, activation, negative_slope, num_points = config
+    grad_weight, grad_bias, grad_mu, grad_inv = grads
+    proxy_grads = _proxy_statistics_grads(
+        params, mu, inv_std, grad_mu, grad_inv, activation=activation, negative_slope=negative_slope, num_points=num_points
+    )
+    weight, bias, proxy_weight, proxy_bias = params
+    return (
+        (grad_weight + proxy_grads[0]).to(weight.dtype),
+        (grad_bias + proxy_grads[1]).to(bias.dtype),
+        proxy_grads[2].to(proxy_weight.dtype),
+        proxy_grads[3].to(proxy_bias.dtype),
+    )
 
 
 def proxy_norm_act(

@@ -56,6 +56,8 @@ __all__ = [
     "layer_tables",
     "batch_norm_grad_tables",
     "batch_norm_backward",
+    "group_norm_backward",
+    "GROUP_NORM_GRAD_ROWS",
     "LAYER_TABLE_ROWS",
     "NORM_GRAD_ROWS",
     "TINY_GAMMA",
@@ -204,6 +206,32 @@ class Activation:
         if self.name == "mish":
             return F.mish(v, inplace=inplace)
         return v
+
+    def backward(self, grad: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """dL/dv from dL/d(activation(v)): the op autograd's own backward of the activation runs, so
+        boundary conventions (kinks, NaN) match eager."""
+        aten = torch.ops.aten
+        if self.name == "relu":
+            return aten.threshold_backward(grad, v, 0)
+        if self.name == "relu6":
+            return aten.hardtanh_backward(grad, v, 0.0, 6.0)
+        if self.name == "leaky_relu":
+            return aten.leaky_relu_backward(grad, v, self.negative_slope, False)
+        if self.name == "silu":
+            return aten.silu_backward(grad, v)
+        if self.name == "gelu":
+            return aten.gelu_backward(grad, v, approximate=self.approximate)
+        if self.name == "hardswish":
+            return aten.hardswish_backward(grad, v)
+        if self.name == "mish":
+            return aten.mish_backward(grad, v)
+        return grad
+
+    @property
+    def homogeneous(self) -> bool:
+        """Positively homogeneous: ``act(v) == v * act'(v)``, so a backward needs no separate
+        reduction of ``grad * act(v)``."""
+        return self.name not in ("relu6", "silu", "gelu", "hardswish", "mish")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -480,6 +508,7 @@ TINY_GAMMA = 1e-12  # |gamma| at most this: the norm's input cannot be rebuilt f
 # Rows of layer_tables' floats; grad_scale is h_scale, so rows 2 and 5 map the norm's input to its output.
 LAYER_TABLE_ROWS = ("scale", "shift", "grad_scale", "a", "center", "h_shift")
 NORM_GRAD_ROWS = ("grad_weight", "grad_bias", "scale", "shift")  # rows of batch_norm_grad_tables
+GROUP_NORM_GRAD_ROWS = ("grad_weight", "grad_bias", "grad_mu", "grad_inv")  # rows of group_norm_backward
 
 
 class LayerMaps(NamedTuple):
@@ -617,6 +646,164 @@ def batch_norm_backward(
     view = _table_shape(g32.shape, 1, channels)
     grad_x = stored.float() * scale.view(view) + shift.view(view) + g32 * floats[0].view(view)
     return grad_x.to(dtype), grad_weight, grad_bias
+
+
+@_no_grad
+def group_norm_backward(
+    stored: Packed | torch.Tensor,
+    grad: torch.Tensor,
+    floats: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    groups: int,
+    activation: Activation | None = None,
+    output_map: tuple[torch.Tensor, torch.Tensor] | None = None,
+    need_input_grad: bool = True,
+    dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A GroupNorm layer's whole backward from its stored tensor, which is not rebuilt: ``(input grad
+    or None, (4, C) float32 rows)`` for ``out = (act(GroupNorm(x) * weight + bias) - mu) * inv``, the
+    rows named by :data:`GROUP_NORM_GRAD_ROWS`: the gradients of ``weight``, ``bias``, ``mu``, ``inv``.
+
+    ``stored`` is the layer's anchored copy (channels on dimension 1, samples outermost in memory)
+    or, with quantization off, the exact tensor: the pre-activation ``h = GroupNorm(x) * weight +
+    bias`` or the input ``x``, as :func:`layer_tables` (per-sample statistics) says. ``floats`` are
+    its rows ``grad_scale, a, center``, (3, N * C): ``x_hat = (v - center) * a``. ``activation`` is
+    applied before the output map ``output_map`` = ``(mu, inv)`` (C elements each; Proxy Norm's
+    statistics; None: 0 and 1); it needs ``h`` stored. ``weight``/``bias``: C elements or None (1, 0).
+
+    With ``gh = act'(h) * grad`` the input gradient is GroupNorm's ``rstd * (W gh - mean(W gh) -
+    x_hat * mean(W gh x_hat))``, ``W = weight * inv``, means over each (sample, group): per (sample,
+    channel) ``coef * gh + scale * v + shift``. Two passes over the copy, as a BatchNorm's
+    :func:`batch_norm_backward`: per-(sample, channel) sums, then the input gradient; on CUDA three
+    launches (sums, tables, gradient).
+    """
+    act = activation or Activation("none")
+    grad_in, samples, channels, inner = _group_norm_layout(stored, grad, backend)
+    if groups <= 0 or channels % groups:
+        raise InputError(f"group_norm_backward: groups={groups} must divide the {channels} channels")
+    device = grad.device
+    if floats.shape != (3, samples * channels):
+        raise InputError(
+            f"group_norm_backward: floats must be a (3, {samples * channels}) table (grad_scale, a, center per sample "
+            f"and channel), got {tuple(floats.shape)}"
+        )
+    floats = _dense(floats, device, torch.float32)
+    mu, inv = output_map if output_map is not None else (None, None)
+    params = [_group_norm_param(t, channels, name, device) for t, name in ((weight, "weight"), (bias, "bias"), (mu, "mu"), (inv, "inv"))]
+    numel = grad.numel()
+    count = max(numel // max(samples * groups, 1), 1)  # elements per (sample, group)
+    dtype = grad.dtype if dtype is None else dtype
+    kernels = _kernels_for(stored.codes, backend) if isinstance(stored, Packed) else None
+    code = kernels.activation_code(act) if kernels is not None else None
+    if code is not None and numel > 0:
+        s = stored
+        sums = kernels.group_norm_sums(
+            s.codes, s.flags, s.grid, s.bits, grad_in, floats[2], channels, inner, numel, samples, code,
+            act.negative_slope, act.homogeneous,
+        )  # fmt: skip
+        tables, rows = kernels.group_norm_tables(sums, floats, *params, groups, count, act.homogeneous)
+        if not need_input_grad:
+            return None, rows
+        coef, scale, shift = tables
+        out = kernels.anchored_unpack(
+            s.codes, s.flags, s.grid, s.bits, channels, inner, numel, dtype, tables=(scale, shift), batch=samples,
+            batch_inner=numel // samples, addend=(grad_in, coef), grad_activation=code, negative_slope=act.negative_slope,
+        )  # fmt: skip
+        return _restore(out, s.shape, s.perm), rows
+    chunks = _group_norm_chunks(stored, grad_in, samples, channels, inner)
+    center = floats[2].view(samples, channels, 1)
+    sums = grad.new_zeros(samples, 4, channels, dtype=torch.float32)
+    for _, sample, v, g in chunks():
+        gh = act.backward(g, v)
+        part = [gh.sum(2), (gh * (v - center[sample])).sum(2)]
+        part += [part[0] if act.name in _IDENTITY else g.sum(2), torch.zeros_like(part[0]) if act.homogeneous else (g * act(v)).sum(2)]
+        sums.index_add_(0, sample, torch.stack(part, 1))
+    defaults = [torch.full((channels,), value, device=device) if t is None else t for t, value in zip(params, (1.0, 0.0, 0.0, 1.0))]
+    tables, rows = _group_norm_tables_torch(sums, floats, *defaults, groups, count, act.homogeneous)
+    if not need_input_grad:
+        return None, rows
+    coef, scale, shift = (t.view(samples, channels, 1) for t in tables)
+    out = grad.new_empty(numel, dtype=dtype)
+    out_rows = out.view(-1, channels, inner)
+    for rows_in, sample, v, g in chunks():
+        # Out of place first: an identity's backward returns g itself, which may be the caller's grad.
+        out_rows[rows_in] = torch.mul(act.backward(g, v), coef[sample]).addcmul_(v, scale[sample]).add_(shift[sample])
+    if isinstance(stored, Packed):
+        return _restore(out, stored.shape, stored.perm), rows
+    return out.view(stored.shape), rows
+
+
+_IDENTITY = ("none", "identity")
+
+
+def _group_norm_layout(stored: Packed | torch.Tensor, grad: torch.Tensor, backend: str | None):
+    """(grad as the passes read it, samples, channels, inner): flat in the copy's memory order, whose
+    (rows, channels, inner) view has a whole number of rows per sample; an exact tensor as (N, C, *)."""
+    where = "group_norm_backward"
+    if isinstance(stored, Packed):
+        if stored.layout == "anchored" and (stored.channel_dim != 1 or stored.perm[0] != 0):
+            raise InputError(f"{where}: the copy must hold channels on dimension 1 and samples outermost in memory")
+        flat, channels, inner = _grad_for(stored, grad, where, backend)
+        return flat, stored.shape[0], channels, inner
+    _check_backend(backend)
+    if grad.shape != stored.shape or stored.dim() < 2:
+        raise InputError(f"{where}: grad must have the shape {tuple(stored.shape)} of the stored (N, C, *) tensor, got {tuple(grad.shape)}")
+    return grad, stored.shape[0], stored.shape[1], math.prod(stored.shape[2:])
+
+
+def _group_norm_chunks(stored: Packed | torch.Tensor, grad: torch.Tensor, samples: int, channels: int, inner: int):
+    """A function yielding, on each call, ``(rows, sample, v, g)`` over the copy's memory order seen
+    as (rows, channels, inner): a slice of the rows, the sample of each of its rows, and float32
+    (rows, channels, inner) chunks of the stored values and of the gradient. An exact tensor is one
+    chunk of (N, C, positions)."""
+    if not isinstance(stored, Packed):
+
+        def whole():
+            v, g = (t.float().reshape(samples, channels, inner) for t in (stored, grad))
+            yield slice(0, samples), torch.arange(samples, device=grad.device), v, g
+
+        return whole
+    per_sample = stored.numel // max(samples * channels * inner, 1)
+    g_rows = grad.view(-1, channels, inner)
+
+    def chunked():
+        for rows, v in _anchored_row_chunks(stored, channels, inner):
+            yield rows, torch.arange(rows.start, rows.stop, device=grad.device) // per_sample, v, g_rows[rows].float()
+
+    return chunked
+
+
+def _group_norm_param(t: torch.Tensor | None, channels: int, name: str, device: torch.device) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.numel() != channels:
+        raise InputError(f"group_norm_backward: {name} must have {channels} elements (one per channel), got {t.numel()}")
+    return _flat_float32(t, device)
+
+
+def _group_norm_tables_torch(sums, floats, weight, bias, mu, inv, groups: int, count: int, homogeneous: bool):
+    """From the (N, 4, C) per-(sample, channel) sums of ``gh``, ``gh * (v - center)``, ``grad`` and
+    ``grad * act(h)``: the (3, N * C) tables ``coef, scale, shift`` of the input gradient and the
+    (4, C) parameter rows (:func:`group_norm_backward`). With ``grad_scale = rstd * weight`` the
+    group means carry their rstd factor already."""
+    sum_gh, sum_ghv, sum_g, sum_gz = sums.unbind(1)
+    samples, channels = sum_gh.shape
+    grad_scale, a, center = floats.view(3, samples, channels).unbind(0)
+    coef = grad_scale * inv
+    per_group = (samples, groups, channels // groups)
+    p = (coef * sum_gh).view(per_group).sum(2, keepdim=True) / count  # rstd * mean(W gh)
+    q = (coef * a * sum_ghv).view(per_group).sum(2, keepdim=True) / count  # rstd * mean(W gh x_hat)
+    qa = (q * a.view(per_group)).view(samples, channels)
+    shift = (qa * center).view(per_group) - p
+    grad_weight_raw = (a * sum_ghv).sum(0)  # sum(gh * x_hat)
+    total_gh, total_g = sum_gh.sum(0), sum_g.sum(0)
+    # act(h) = h * act'(h) for homogeneous activations: sum(grad * act(h)) needs no pass of its own.
+    total_gz = weight * grad_weight_raw + bias * total_gh if homogeneous else sum_gz.sum(0)
+    rows = torch.stack([inv * grad_weight_raw, inv * total_gh, -inv * total_g, total_gz - mu * total_g])
+    return torch.stack([coef, -qa, shift.view(samples, channels)]).view(3, -1), rows
 
 
 def _norm_grad_layout(stored: Packed | torch.Tensor, grad: torch.Tensor, where: str, backend: str | None):

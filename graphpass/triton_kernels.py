@@ -28,6 +28,8 @@ __all__ = [
     "anchored_channel_sums",
     "layer_tables",
     "batch_norm_grad_tables",
+    "group_norm_sums",
+    "group_norm_tables",
     "proxy_statistics",
     "proxy_statistics_grads",
     "activation_code",
@@ -336,6 +338,27 @@ def _activate(v, ACTIVATION: tl.constexpr, negative_slope, ON_CUDA: tl.constexpr
     return v
 
 
+@triton.jit
+def _activation_grad(g, h, ACTIVATION: tl.constexpr, negative_slope):
+    # dL/dh from dL/dact(h), as aten's backward ops of each activation compute it.
+    if ACTIVATION == 1:  # threshold_backward
+        g = tl.where(h > 0, g, 0.0)
+    elif ACTIVATION == 2:  # hardtanh_backward
+        g = tl.where((h > 0) & (h < 6.0), g, 0.0)
+    elif ACTIVATION == 3:  # leaky_relu_backward
+        g = tl.where(h > 0, g, g * negative_slope)
+    elif ACTIVATION == 4:  # hardswish_backward
+        g = tl.where(h < -3.0, 0.0, tl.where(h <= 3.0, g * (h / 3.0 + 0.5), g))
+    elif ACTIVATION == 5:  # silu_backward
+        s = 1.0 / (1.0 + tl.exp(-h))
+        g = g * s * (1.0 + h * (1.0 - s))
+    elif ACTIVATION == 6:  # gelu_backward (erf)
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327
+        g = g * (cdf + h * pdf)
+    return g
+
+
 _SAMPLE_DIVISORS = ["n_magic", "n_shift", "bi_magic", "bi_shift"]
 
 
@@ -346,7 +369,7 @@ def _anchored_unpack_kernel(
     ch_magic, ch_shift, in_magic, in_shift, batch, batch_inner, n_magic, n_shift, bi_magic, bi_shift, negative_slope,
     BITS: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr, INNER_IS_ONE: tl.constexpr,
     ACTIVATION: tl.constexpr, AFFINE: tl.constexpr, PER_SAMPLE: tl.constexpr, BATCH_INNER_IS_ONE: tl.constexpr,
-    ON_CUDA: tl.constexpr, ADD_GRAD: tl.constexpr,
+    ON_CUDA: tl.constexpr, ADD_GRAD: tl.constexpr, GRAD_ACTIVATION: tl.constexpr,
 ):  # fmt: skip
     PER: tl.constexpr = 8 // BITS
     block, byte, lane, offs = _block_offsets(BITS, BLOCK, WIDE)
@@ -354,19 +377,20 @@ def _anchored_unpack_kernel(
     packed = tl.load(codes_ptr + byte, mask=byte * PER < numel, other=0)
     code = (packed.to(tl.int32)[:, None] >> (lane * BITS)[None, :]) & ((1 << BITS) - 1)
     channel = _channel_of(offs, channels, inner, ch_magic, ch_shift, in_magic, in_shift, WIDE, INNER_IS_ONE)
-    value = _anchored_decode(code, tl.load(flags_ptr + block) != 0, table_ptr + channel * 3, BITS)
+    stored = _anchored_decode(code, tl.load(flags_ptr + block) != 0, table_ptr + channel * 3, BITS)
+    index = channel
+    if PER_SAMPLE:
+        sample = _channel_of(offs, batch, batch_inner, n_magic, n_shift, bi_magic, bi_shift, WIDE, BATCH_INNER_IS_ONE)
+        index = sample * channels + channel
     # Epilogue (graphpass.quantize.apply_epilogue): activation(value) * scale + shift, then one rounding.
-    value = _activate(value, ACTIVATION, negative_slope, ON_CUDA)
+    value = _activate(stored, ACTIVATION, negative_slope, ON_CUDA)
     if AFFINE:
-        index = channel
-        if PER_SAMPLE:
-            sample = _channel_of(offs, batch, batch_inner, n_magic, n_shift, bi_magic, bi_shift, WIDE, BATCH_INNER_IS_ONE)
-            index = sample * channels + channel
         # torch.addcmul on the CPU is a fused multiply-add too (the interpreter rounds twice).
         value = tl.fma(value, tl.load(scale_ptr + index), tl.load(shift_ptr + index))
-    if ADD_GRAD:  # graphpass.quantize.fused_norm_grad: + grad_scale * grad
+    if ADD_GRAD:  # fused_norm_grad: + grad_scale * grad; group_norm_backward: + coef * act'(stored) * grad
         grad = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        value = tl.fma(grad, tl.load(grad_scale_ptr + channel), value)
+        grad = _activation_grad(grad, stored, GRAD_ACTIVATION, negative_slope)
+        value = tl.fma(grad, tl.load(grad_scale_ptr + index), value)
     tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=valid)
 
 
@@ -385,14 +409,17 @@ def _anchored_decode(code, flagged, table_row, BITS: tl.constexpr):
 @triton.jit
 def _anchored_channel_sums_kernel(
     codes_ptr, flags_ptr, table_ptr, grad_ptr, center_ptr, sums_ptr, channels, inner, rows, rows_per_program,
-    arrived_ptr, floats_ptr, out_ptr, splits, neg_inv_count,
+    arrived_ptr, floats_ptr, out_ptr, splits, neg_inv_count, negative_slope,
     BITS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_INNER: tl.constexpr, WIDE: tl.constexpr, FLAG: tl.constexpr,
-    FINALIZE: tl.constexpr,
+    FINALIZE: tl.constexpr, GROUP_NORM: tl.constexpr, ACTIVATION: tl.constexpr, HOMOGENEOUS: tl.constexpr,
+    ON_CUDA: tl.constexpr,
 ):  # fmt: skip
     # Program (c, s) sums grad and grad * (v - center) over rows [s * rows_per_program, ...) of channel c, the
     # copy seen as (rows, channels, inner): fixed order, so the sums are deterministic. With FINALIZE the
     # last of a channel's programs to finish adds the parts up, in split order, into its
-    # batch_norm_grad_tables column: one launch for the whole backward reduction.
+    # batch_norm_grad_tables column: one launch for the whole backward reduction. With GROUP_NORM
+    # (a split per sample) the grad summed is act'(v) * grad, and two more sums follow it: of grad
+    # and of grad * act(v) (group_norm_backward's four).
     PER: tl.constexpr = 8 // BITS
     channel = tl.program_id(0)
     split = tl.program_id(1)
@@ -404,9 +431,13 @@ def _anchored_channel_sums_kernel(
         r = r.to(tl.int64)
     sum_g = tl.zeros([BLOCK_ROWS, BLOCK_INNER], dtype=tl.float32)
     sum_gv = tl.zeros([BLOCK_ROWS, BLOCK_INNER], dtype=tl.float32)
+    sum_raw = tl.zeros([BLOCK_ROWS, BLOCK_INNER], dtype=tl.float32)
+    sum_gz = tl.zeros([BLOCK_ROWS, BLOCK_INNER], dtype=tl.float32)
     table_row = table_ptr + channel * 3
     if FINALIZE:  # row 2 of the floats (grad_scale, a, center)
         center = tl.load(floats_ptr + 2 * channels + channel)
+    elif GROUP_NORM:  # per sample and channel
+        center = tl.load(center_ptr + split * channels + channel)
     else:
         center = tl.load(center_ptr + channel)
     for row0 in range(first, last, BLOCK_ROWS):
@@ -418,10 +449,21 @@ def _anchored_channel_sums_kernel(
             flagged = tl.load(flags_ptr + offs // FLAG, mask=valid, other=0) != 0
             value = _anchored_decode(code, flagged, table_row, BITS)
             grad = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            if GROUP_NORM:
+                if ACTIVATION != 0:
+                    sum_raw += grad
+                if not HOMOGENEOUS:  # act(v) != v * act'(v): sum(grad * act(v)) too
+                    sum_gz += tl.where(valid, grad * _activate(value, ACTIVATION, negative_slope, ON_CUDA), 0.0)
+                grad = tl.where(valid, _activation_grad(grad, value, ACTIVATION, negative_slope), 0.0)
             sum_g += grad
             sum_gv += tl.where(valid, grad * (value - center), 0.0)
-    tl.store(sums_ptr + split * 2 * channels + channel, tl.sum(tl.sum(sum_g, axis=1), axis=0))
-    tl.store(sums_ptr + (split * 2 + 1) * channels + channel, tl.sum(tl.sum(sum_gv, axis=1), axis=0))
+    rows_out: tl.constexpr = 4 if GROUP_NORM else 2
+    tl.store(sums_ptr + split * rows_out * channels + channel, tl.sum(tl.sum(sum_g, axis=1), axis=0))
+    tl.store(sums_ptr + (split * rows_out + 1) * channels + channel, tl.sum(tl.sum(sum_gv, axis=1), axis=0))
+    if GROUP_NORM:  # the identity's grad is its act'(v) * grad: the same sum, bit for bit
+        raw = sum_g if ACTIVATION == 0 else sum_raw
+        tl.store(sums_ptr + (split * 4 + 2) * channels + channel, tl.sum(tl.sum(raw, axis=1), axis=0))
+        tl.store(sums_ptr + (split * 4 + 3) * channels + channel, tl.sum(tl.sum(sum_gz, axis=1), axis=0))
     if FINALIZE:
         # acq_rel: the parts stored before each arrival are visible to the program that arrives last.
         if tl.atomic_add(arrived_ptr + channel, 1) == splits - 1:
@@ -479,10 +521,21 @@ def _arrival_counters(device: torch.device, channels: int) -> torch.Tensor:
     return counters
 
 
-def _channel_sums(codes, flags, grid, bits: int, grad, center, channels: int, inner: int, numel: int, finalize=None):
+def _channel_sums(
+    codes, flags, grid, bits: int, grad, center, channels: int, inner: int, numel: int, finalize=None,
+    per_sample: tuple[int, int, float, bool] | None = None,
+):  # fmt: skip
+    """The channel-sums launch; ``per_sample`` = (samples, activation code, negative slope, whether the
+    activation is positively homogeneous): one split per sample, group_norm_backward's four sums."""
     rows = numel // (channels * inner)
-    splits, per_program, block_inner = _sums_geometry(rows, channels, inner, _SUMS_PROGRAMS)
-    sums = torch.empty(splits, 2, channels, dtype=torch.float32, device=codes.device)
+    if per_sample is None:
+        splits, per_program, block_inner = _sums_geometry(rows, channels, inner, _SUMS_PROGRAMS)
+        block_rows, activation, negative_slope, homogeneous = _SUMS_TILE // block_inner, 0, 0.0, True
+    else:
+        splits, activation, negative_slope, homogeneous = per_sample
+        per_program, block_inner = rows // splits, min(_next_power_of_2(inner), _SUMS_TILE)
+        block_rows = min(_SUMS_TILE // block_inner, _next_power_of_2(per_program))
+    sums = torch.empty(splits, 2 if per_sample is None else 4, channels, dtype=torch.float32, device=codes.device)
     if finalize is not None:
         floats, neg_inv_count = finalize
         arrived = _arrival_counters(codes.device, channels)
@@ -491,9 +544,10 @@ def _channel_sums(codes, flags, grid, bits: int, grad, center, channels: int, in
         floats, neg_inv_count, arrived, out = sums, 0.0, sums, sums  # unread without FINALIZE
     _anchored_channel_sums_kernel[(channels, splits)](
         codes, flags, grid, grad, center, sums, channels, inner, rows, per_program,
-        arrived, floats, out, splits, neg_inv_count,
-        BITS=bits, BLOCK_ROWS=_SUMS_TILE // block_inner, BLOCK_INNER=block_inner, WIDE=_wide(numel), FLAG=FLAG_BLOCK,
-        FINALIZE=finalize is not None, num_warps=_SUMS_WARPS,
+        arrived, floats, out, splits, neg_inv_count, negative_slope,
+        BITS=bits, BLOCK_ROWS=block_rows, BLOCK_INNER=block_inner, WIDE=_wide(numel), FLAG=FLAG_BLOCK,
+        FINALIZE=finalize is not None, GROUP_NORM=per_sample is not None, ACTIVATION=activation, HOMOGENEOUS=homogeneous,
+        ON_CUDA=codes.is_cuda, num_warps=_SUMS_WARPS,
     )  # fmt: skip
     return sums if finalize is None else out
 
@@ -509,6 +563,88 @@ def batch_norm_grad_tables(codes, flags, grid, bits: int, grad, floats, neg_inv_
     rows grad_scale, a, center."""
     # No center argument: the kernel reads it from row 2 of the floats.
     return _channel_sums(codes, flags, grid, bits, grad, floats, channels, inner, numel, (floats, neg_inv_count))
+
+
+def group_norm_sums(
+    codes, flags, grid, bits: int, grad, center, channels: int, inner: int, numel: int, samples: int,
+    activation: int, negative_slope: float, homogeneous: bool,
+):  # fmt: skip
+    """graphpass.quantize.group_norm_backward's sums, (N, 4, C) float32: per sample and channel, of
+    act'(v) * grad, act'(v) * grad * (v - center), grad and (not for a ``homogeneous`` activation,
+    0 there) grad * act(v); ``center`` holds N * C floats."""
+    per_sample = (samples, activation, negative_slope, homogeneous)
+    return _channel_sums(codes, flags, grid, bits, grad, center, channels, inner, numel, per_sample=per_sample)
+
+
+@direct_launch
+@triton.jit
+def _group_norm_tables_kernel(
+    sums_ptr, floats_ptr, w_ptr, b_ptr, mu_ptr, inv_ptr, tables_ptr, rows_ptr, samples, channels, group_size, count,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MAP: tl.constexpr, HOMOGENEOUS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # graphpass.quantize._group_norm_tables_torch for group program_id(0): its channels' input-gradient
+    # tables for every sample, and their parameter rows, summed over the samples in a fixed order.
+    # Absent parameters take their defaults: weight 1, bias 0, output map (mu, inv) = (0, 1).
+    group = tl.program_id(0)
+    j = tl.arange(0, BLOCK_C)
+    inside = j < group_size
+    c = group * group_size + j
+    one = tl.full([BLOCK_C], 1.0, tl.float32)
+    inv = tl.load(inv_ptr + c, mask=inside, other=0.0) if HAS_MAP else one
+    entries = samples * channels
+    total_gh = tl.zeros([BLOCK_C], dtype=tl.float32)
+    total_g = tl.zeros([BLOCK_C], dtype=tl.float32)
+    total_gz = tl.zeros([BLOCK_C], dtype=tl.float32)
+    weight_raw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for n0 in range(0, samples, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        valid = (n < samples)[:, None] & inside[None, :]
+        at = sums_ptr + n[:, None] * 4 * channels + c[None, :]
+        sum_gh = tl.load(at, mask=valid, other=0.0)
+        sum_ghv = tl.load(at + channels, mask=valid, other=0.0)
+        entry = n[:, None] * channels + c[None, :]
+        grad_scale = tl.load(floats_ptr + entry, mask=valid, other=0.0)
+        a = tl.load(floats_ptr + entries + entry, mask=valid, other=0.0)
+        center = tl.load(floats_ptr + 2 * entries + entry, mask=valid, other=0.0)
+        coef = grad_scale * inv[None, :]
+        p = tl.sum(coef * sum_gh, axis=1) / count  # rstd * mean(W gh)
+        q = tl.sum(coef * a * sum_ghv, axis=1) / count  # rstd * mean(W gh x_hat)
+        qa = q[:, None] * a
+        tl.store(tables_ptr + entry, coef, mask=valid)
+        tl.store(tables_ptr + entries + entry, -qa, mask=valid)
+        tl.store(tables_ptr + 2 * entries + entry, qa * center - p[:, None], mask=valid)
+        weight_raw += tl.sum(a * sum_ghv, axis=0)
+        total_gh += tl.sum(sum_gh, axis=0)
+        total_g += tl.sum(tl.load(at + 2 * channels, mask=valid, other=0.0), axis=0)
+        total_gz += tl.sum(tl.load(at + 3 * channels, mask=valid, other=0.0), axis=0)
+    if HOMOGENEOUS:  # act(h) = h * act'(h): sum(grad * act(h)) from the other sums
+        w = tl.load(w_ptr + c, mask=inside, other=0.0) if HAS_WEIGHT else one
+        b = tl.load(b_ptr + c, mask=inside, other=0.0) if HAS_BIAS else one * 0.0
+        total_gz = w * weight_raw + b * total_gh
+    mu = tl.load(mu_ptr + c, mask=inside, other=0.0) if HAS_MAP else one * 0.0
+    tl.store(rows_ptr + c, inv * weight_raw, mask=inside)
+    tl.store(rows_ptr + channels + c, inv * total_gh, mask=inside)
+    tl.store(rows_ptr + 2 * channels + c, -inv * total_g, mask=inside)
+    tl.store(rows_ptr + 3 * channels + c, total_gz - mu * total_g, mask=inside)
+
+
+def group_norm_tables(sums, floats, weight, bias, mu, inv, groups: int, count: int, homogeneous: bool):
+    """graphpass.quantize._group_norm_tables_torch in one launch: ((3, N * C) tables coef, scale,
+    shift; (4, C) rows) from the (N, 4, C) sums and the (3, N * C) floats grad_scale, a, center; the
+    per-channel ones C float32 each or None (defaults; mu and inv both or neither)."""
+    samples, _, channels = sums.shape
+    group_size = channels // groups
+    tables = torch.empty(3, samples * channels, dtype=torch.float32, device=sums.device)
+    rows = torch.empty(4, channels, dtype=torch.float32, device=sums.device)
+    block_c = _next_power_of_2(group_size)
+    block_n = max(1, min(_next_power_of_2(samples), _TABLE_BLOCK // block_c))
+    _group_norm_tables_kernel[(groups,)](
+        sums, floats, *(floats if t is None else t for t in (weight, bias, mu, inv)), tables, rows, samples, channels,
+        group_size, float(count), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_MAP=inv is not None,
+        HOMOGENEOUS=homogeneous, BLOCK_N=block_n, BLOCK_C=block_c,
+    )  # fmt: skip
+    return tables, rows
 
 
 def anchored_table(mean, std, bits: int) -> torch.Tensor:
@@ -539,11 +675,12 @@ def anchored_pack(flat, bits: int, grid, channels: int, inner: int, stochastic: 
 def anchored_unpack(
     codes, flags, grid, bits: int, channels: int, inner: int, numel: int, dtype,
     *, activation: int = 0, negative_slope: float = 0.0, tables=None, batch: int = 1, batch_inner: int = 1,
-    addend=None,
+    addend=None, grad_activation: int = 0,
 ) -> torch.Tensor:  # fmt: skip
-    """Unpack with the epilogue ``activation(v) * scale + shift (+ grad_scale * grad)``; ``tables`` =
-    (scale, shift), flat float32, per channel or per (sample, channel) where a sample is
-    ``(offset // batch_inner) % batch``; ``addend`` = (grad in memory order, per-channel grad_scale)."""
+    """Unpack with the epilogue ``activation(v) * scale + shift (+ grad_scale * act'(v) * grad)``;
+    ``tables`` = (scale, shift), flat float32, per channel or per (sample, channel) where a sample is
+    ``(offset // batch_inner) % batch``; ``addend`` = (grad in memory order, grad_scale laid out as
+    the tables); ``act'`` the derivative of activation ``grad_activation`` (0: none)."""
     out = torch.empty(numel, dtype=dtype, device=codes.device)
     scale, shift = tables if tables is not None else (grid, grid)  # unread without AFFINE
     grad, grad_scale = addend if addend is not None else (grid, grid)  # unread without ADD_GRAD
@@ -552,7 +689,8 @@ def anchored_unpack(
         batch, batch_inner, *_magic(batch), *_magic(batch_inner), negative_slope,
         BITS=bits, BLOCK=FLAG_BLOCK, WIDE=_wide(numel), INNER_IS_ONE=inner == 1,
         ACTIVATION=activation, AFFINE=tables is not None, PER_SAMPLE=tables is not None and scale.numel() != channels,
-        BATCH_INNER_IS_ONE=batch_inner == 1, ON_CUDA=out.is_cuda, ADD_GRAD=addend is not None, num_warps=_NUM_WARPS,
+        BATCH_INNER_IS_ONE=batch_inner == 1, ON_CUDA=out.is_cuda, ADD_GRAD=addend is not None,
+        GRAD_ACTIVATION=grad_activation, num_warps=_NUM_WARPS,
     )  # fmt: skip
     return out
 
@@ -635,27 +773,6 @@ def layer_tables(mean, rstd, gamma, beta, bits: int | None, store_output: bool, 
 
 _PROXY_TILE = 4096  # points per program: BLOCK_C channels of BLOCK_P points
 MAX_PROXY_POINTS = _PROXY_TILE
-
-
-@triton.jit
-def _activation_grad(g, h, ACTIVATION: tl.constexpr, negative_slope):
-    # dL/dh from dL/dact(h), as aten's backward ops of each activation compute it.
-    if ACTIVATION == 1:  # threshold_backward
-        g = tl.where(h > 0, g, 0.0)
-    elif ACTIVATION == 2:  # hardtanh_backward
-        g = tl.where((h > 0) & (h < 6.0), g, 0.0)
-    elif ACTIVATION == 3:  # leaky_relu_backward
-        g = tl.where(h > 0, g, g * negative_slope)
-    elif ACTIVATION == 4:  # hardswish_backward
-        g = tl.where(h < -3.0, 0.0, tl.where(h <= 3.0, g * (h / 3.0 + 0.5), g))
-    elif ACTIVATION == 5:  # silu_backward
-        s = 1.0 / (1.0 + tl.exp(-h))
-        g = g * s * (1.0 + h * (1.0 - s))
-    elif ACTIVATION == 6:  # gelu_backward (erf)
-        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327
-        g = g * (cdf + h * pdf)
-    return g
 
 
 @direct_launch

@@ -19,6 +19,7 @@ from graphpass.quantize import (
     batch_norm_grad_tables,
     channel_sums,
     fused_norm_grad,
+    group_norm_backward,
     layer_tables,
     pack_anchored,
     pack_groups,
@@ -565,6 +566,108 @@ def test_batch_norm_grad_tables_give_batch_norm_backward(layout, chunk, monkeypa
         _check_bn_backward(unpack(p).nan_to_num(0, 0, 0), 1, grad, floats)
 
 
+GN_ACTIVATIONS = ["none", "relu", "leaky_relu", "relu6", "silu", "gelu", "hardswish", "mish"]
+
+
+def _gn_backward_case(layout, activation="none", store_output=True, device="cpu", samples=3, seed=0):
+    """A GroupNorm layer (4 groups of 2 channels) with its exact stored tensor (the pre-activation h,
+    or with ``store_output`` False the input x), the floats group_norm_backward takes, the output
+    map and the autograd reference in float64: (stored, grad, floats, params, groups, act, map, ref)."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    n, c, groups = samples, 8, 4
+    x, grad = rand(n, c, 5, 7) * 2 + 1, rand(n, c, 5, 7)
+    weight, bias = torch.rand(c, generator=gen) + 0.5, rand(c) * 0.5
+    mu, inv = rand(c) * 0.1, torch.rand(c, generator=gen) + 0.5
+    act = Activation(activation, 0.2)
+    ref = [t.double().requires_grad_() for t in (x, weight, bias, mu, inv)]
+    h = torch.nn.functional.group_norm(ref[0], groups, ref[1], ref[2], 1e-5)
+    ((act(h) - ref[3].view(1, -1, 1, 1)) * ref[4].view(1, -1, 1, 1)).backward(grad.double())
+    per_group = x.double().reshape(n, groups, -1)
+    mean, rstd = per_group.mean(2).float(), (per_group.var(2, correction=0) + 1e-5).rsqrt().float()
+    floats = layer_tables(mean, rstd, weight, bias, bits=None, store_output=store_output, channels=c)[1][2:5]
+    stored = h.detach().float() if store_output else x
+    if layout == "channels_last":
+        stored, grad = (t.contiguous(memory_format=torch.channels_last) for t in (stored, grad))
+    expected = [t.grad for t in ref]
+    on = lambda t: t.to(device)  # noqa: E731
+    return on(stored), on(grad), on(floats), (on(weight), on(bias)), groups, act, (on(mu), on(inv)), expected
+
+
+def _check_gn_backward(stored, grad, floats, params, groups, act, output_map, backend=None):
+    """group_norm_backward's input gradient and rows against those of the same tensor's values
+    through the PyTorch path: a copy's values are what an exact tensor holds."""
+    got = group_norm_backward(stored, grad, floats, *params, groups=groups, activation=act, output_map=output_map, backend=backend)
+    values = unpack(stored, backend="torch") if isinstance(stored, Packed) else stored
+    ref = group_norm_backward(values, grad, floats, *params, groups=groups, activation=act, output_map=output_map, backend="torch")
+    assert got[0].shape == grad.shape and got[0].dtype == grad.dtype and got[1].shape == (4, grad.shape[1])
+    if isinstance(stored, Packed):
+        assert got[0].stride() == values.stride()  # the copy's memory layout
+    torch.testing.assert_close(got[0].cpu(), ref[0].cpu(), rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(got[1].cpu(), ref[1].cpu(), rtol=1e-5, atol=1e-5, equal_nan=True)
+    return got
+
+
+@pytest.mark.parametrize("activation", GN_ACTIVATIONS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_group_norm_backward_equals_autograd(activation, layout):
+    """From an exact stored pre-activation: the input gradient and the gradients of weight, bias and
+    the output map equal autograd through GroupNorm, the activation and the map (float64), 1e-5."""
+    stored, grad, floats, params, groups, act, output_map, expected = _gn_backward_case(layout, activation)
+    grad_x, rows = group_norm_backward(stored, grad, floats, *params, groups=groups, activation=act, output_map=output_map)
+    for got, ref in zip([grad_x, *rows], expected):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    assert group_norm_backward(stored, grad, floats, *params, groups=groups, activation=act, need_input_grad=False)[0] is None
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_group_norm_backward_from_a_stored_input_equals_autograd(layout):
+    """A GroupNorm that no activation follows stores its input: per-(sample, channel) a and center."""
+    stored, grad, floats, params, groups, act, output_map, expected = _gn_backward_case(layout, store_output=False)
+    grad_x, rows = group_norm_backward(stored, grad, floats, *params, groups=groups, output_map=output_map)
+    for got, ref in zip([grad_x, *rows], expected):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "none"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("chunk", [FLAG_BLOCK, 2**17])
+def test_group_norm_backward_from_the_copy_equals_from_its_values(activation, layout, chunk, monkeypatch):
+    """PyTorch path on a 4-bit copy, in chunks of the copy (a channels_last chunk ends inside a
+    sample) and in one piece, against the exact tensor of the values it holds."""
+    monkeypatch.setattr(quantize_module, "TORCH_CHUNK", chunk)
+    stored, grad, floats, params, groups, act, output_map, _ = _gn_backward_case(layout, activation, samples=40)
+    p = pack_anchored(stored, 4, mean=stored.mean((0, 2, 3)), std=stored.std((0, 2, 3)))
+    _check_gn_backward(p, grad, floats, params, groups, act, output_map, backend="torch")
+
+
+def test_group_norm_backward_keeps_nan_in_its_group():
+    """A NaN in the copy spoils its (sample, group) input gradient, never silently finite; the other
+    groups of that sample stay finite."""
+    stored, grad, floats, params, groups, act, output_map, _ = _gn_backward_case("nchw", "relu")
+    stored[1, 2, 3, 4] = math.nan  # sample 1, group 1 (channels 2 and 3)
+    p = pack_anchored(stored, 4, mean=torch.zeros(8), std=torch.ones(8))
+    grad_x, _ = group_norm_backward(p, grad, floats, *params, groups=groups, activation=act, output_map=output_map)
+    spoiled = torch.zeros_like(grad_x, dtype=torch.bool)
+    spoiled[1, 2:4] = True
+    assert not torch.isfinite(grad_x[spoiled]).any() and torch.isfinite(grad_x[~spoiled]).all()
+
+
+def test_group_norm_backward_bad_arguments_are_clear_errors():
+    stored, grad, floats, params, groups, act, output_map, _ = _gn_backward_case("nchw")
+    with pytest.raises(InputError, match="groups=3"):
+        group_norm_backward(stored, grad, floats, *params, groups=3)
+    with pytest.raises(InputError, match="floats must be a"):
+        group_norm_backward(stored, grad, floats[:, :8], *params, groups=groups)
+    with pytest.raises(InputError, match="bias must have 8"):
+        group_norm_backward(stored, grad, floats, params[0], params[1][:3], groups=groups)
+    with pytest.raises(InputError, match="shape"):
+        group_norm_backward(stored, grad[:2], floats, *params, groups=groups)
+    inside = pack_anchored(torch.randn(6, 4, 9).permute(1, 0, 2), 4, mean=torch.zeros(6), std=torch.ones(6))
+    with pytest.raises(InputError, match="samples outermost"):
+        group_norm_backward(inside, torch.randn(4, 6, 9), torch.zeros(3, 24), None, None, groups=2)
+
+
 def test_layer_tables_bad_arguments_are_clear_errors():
     mean, rstd = torch.zeros(3), torch.ones(3)
     with pytest.raises(InputError, match="gamma must have 3"):
@@ -727,6 +830,30 @@ def test_triton_norm_backward_matches_a_full_unpack(layout, few_sum_programs):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("activation", GN_ACTIVATIONS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_triton_group_norm_backward_matches_pytorch(activation, layout):
+    """Sums, tables and input gradient in three launches (mish: the PyTorch path), against the
+    PyTorch path on the copy's values; a stored input without bias and output map too."""
+    from graphpass import triton_kernels
+
+    case = _gn_backward_case(layout, activation)
+    stored = case[0]
+    p = pack_anchored(stored, 4, mean=stored.mean((0, 2, 3)), std=stored.std((0, 2, 3)))
+    launches = []
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("group_norm_sums", "group_norm_tables"):
+            fn = getattr(triton_kernels, name)
+            mp.setattr(triton_kernels, name, lambda *a, _fn=fn, _name=name: launches.append(_name) or _fn(*a))
+        _check_gn_backward(p, *case[1:7], backend="triton")
+    assert launches == ([] if activation == "mish" else ["group_norm_sums", "group_norm_tables"])
+    if activation == "none":  # a stored input, no bias, no output map (the kernel's defaults)
+        stored, grad, floats, (weight, _), groups, act = _gn_backward_case(layout, store_output=False)[:6]
+        p = pack_anchored(stored, 8, mean=stored.mean((0, 2, 3)), std=stored.std((0, 2, 3)))
+        _check_gn_backward(p, grad, floats, (weight, None), groups, act, None, backend="triton")
+
+
+@needs_interpreter
 @pytest.mark.parametrize("case", LAYER_CASES)
 @pytest.mark.parametrize("store_output", [True, False])
 @pytest.mark.parametrize("bits", [2, 8, None])
@@ -846,6 +973,16 @@ def test_cuda_layer_tables_and_batch_norm_backward(case, store_output):
     assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[1].cpu(), ref[1])
     for layout in EPILOGUE_LAYOUTS:
         _check_bn_backward(*_bn_backward_case(layout, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", GN_ACTIVATIONS)
+def test_cuda_group_norm_backward_matches_pytorch(activation):
+    """Compiled kernels: GroupNorm's backward from a copy, against the PyTorch path."""
+    for layout in ("nchw", "channels_last"):
+        stored, *rest = _gn_backward_case(layout, activation, device="cuda")[:7]
+        p = pack_anchored(stored, 4, mean=stored.mean((0, 2, 3)), std=stored.std((0, 2, 3)))
+        _check_gn_backward(p, *rest)
 
 
 @pytest.mark.gpu

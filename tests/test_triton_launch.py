@@ -50,7 +50,7 @@ def _unpack_launch(numel: int = 8 * 64 * 256, channels: int = 64, inner: int = 2
     )  # fmt: skip
     kwargs = dict(
         BITS=4, BLOCK=512, WIDE=False, INNER_IS_ONE=False, ACTIVATION=1, AFFINE=False, PER_SAMPLE=False,
-        BATCH_INNER_IS_ONE=True, ON_CUDA=True, ADD_GRAD=False, num_warps=4,
+        BATCH_INNER_IS_ONE=True, ON_CUDA=True, ADD_GRAD=False, GRAD_ACTIVATION=0, num_warps=4,
     )  # fmt: skip
     return (numel // 512,), args, kwargs
 
@@ -94,7 +94,7 @@ def test_direct_launch_calls_the_compiled_kernel_as_triton_does(stub_driver, mon
         assert len(call) == len(reference)
         assert all(a is b or a == b for a, b in zip(call[:HEAD] + call[9:], reference[:HEAD] + reference[9:]))
     # The arguments: the kernel's runtime arguments, then its constexprs in signature order.
-    assert call[9 : 9 + len(args)] == args and call[9 + len(args) :] == (4, 512, False, False, 1, False, False, True, True, False)
+    assert call[9 : 9 + len(args)] == args and call[9 + len(args) :] == (4, 512, False, False, 1, False, False, True, True, False, 0)
 
 
 def test_a_key_never_stands_for_two_specializations(stub_driver, monkeypatch):
