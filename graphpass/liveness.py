@@ -15,7 +15,7 @@ allocates the tensor (inclusive), ``end`` one past the last step that reads it (
   the backward step of the node that saved them.
 - what backward rebuilds from a compressed copy (kind "unpacked"): the full-size tensor, during
   the backward step of each node that saved it (autograd unpacks when the node runs). Not for a
-  BatchNorm whose layer holds a copy: its backward reads the copy directly; a large convolution
+  norm whose layer holds a copy: its backward reads the copy directly; a large convolution
   before a norm rebuilds one batch chunk at a time (``runtime.conv_rebuild_bytes``).
 - the gradient of a node's output: from the backward step of its first consumer in backward
   order (the first backward step for graph outputs, where the loss's gradient arrives) to one
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch.fx
 
 from graphpass.memory_plan import PlannedTensor
-from graphpass.meta import META_QUANT, set_meta
+from graphpass.meta import set_meta
 from graphpass.runtime import conv_rebuild_bytes, is_compression_node, layer_input, quantize_layer
 from graphpass.saved_tensors import SavedTensors
 
@@ -63,11 +63,10 @@ class Liveness:
     num_forward_steps: int
 
 
-def _batch_norm_of_layer(node: torch.fx.Node) -> bool:
-    """Whether ``node`` is the BatchNorm of a compressed layer (its output goes to quantize_layer)."""
-    return any(
-        u.target is quantize_layer and getattr(u.meta.get(META_QUANT), "norm", "") == "batch_norm" for u in node.users
-    )
+def _norm_reads_copy(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is the norm of a compressed layer (its output goes to quantize_layer): its
+    backward reads the layer's copy instead of a rebuilt input."""
+    return any(u.target is quantize_layer for u in node.users)
 
 
 def compute_liveness(gm: torch.fx.GraphModule, saved: SavedTensors) -> Liveness:
@@ -133,7 +132,7 @@ def compute_liveness(gm: torch.fx.GraphModule, saved: SavedTensors) -> Liveness:
     for n in backward:
         if is_compression_node(n):
             continue  # its record is the copy it made, not a save that its (identity) backward reads
-        reads_copy = _batch_norm_of_layer(n)
+        reads_copy = _norm_reads_copy(n)
         in_chunks = any(u.target is layer_input and u.kwargs.get("conv") and u.args[0] is n for u in n.users)
         for s in records[n.name].saved:
             if s.kind == "compressed" and not (reads_copy and s.fmt.endswith("-layer")):

@@ -18,8 +18,9 @@ are ``call_function`` nodes that return their first argument unchanged (see :dat
   the layer that autograd saves (norm input, pre-activation, activation output, the next op's
   input) is handed a reference to that copy and rebuilt from it in backward with exact per-channel
   floats, so PyTorch's own backward formulas run unchanged. The ReLU sign is exact because 0 is a bin boundary.
-  A BatchNorm's own backward is replaced (:class:`_BatchNormFromCopy`, papers.md 1.5 step 7): it
-  reads the copy directly, two passes without a full-size rebuild of the norm input. A large
+  The norm's own backward is replaced (:class:`_NormFromCopy`, papers.md 1.5 step 7): it reads the
+  copy directly, two passes without a full-size rebuild of the norm input (nor, for ProxyNormAct, of
+  the pre-activation it would compute again from that). A large
   convolution right before the norm (its input over ``2 * CONV_CHUNK_BYTES``) gets its backward
   replaced too (:class:`_ConvFromCopy`, steps 1-2): batch chunks, each rebuilding only its rows.
 - :func:`pool_input` (before a max-pool) and :func:`pool_output` (after it) bracket the op that
@@ -67,6 +68,7 @@ from graphpass.quantize import (
     aligned_rows,
     apply_epilogue,
     batch_norm_backward,
+    group_norm_backward,
     layer_tables,
     pack_anchored,
     pack_groups,
@@ -75,6 +77,7 @@ from graphpass.quantize import (
     unpack,
     without_grad,
 )
+from graphpass import proxy_norm
 from graphpass.errors import UnsupportedError
 from graphpass.save_recorder import record_pack
 
@@ -420,9 +423,14 @@ class _Layer:
         self.post_scale: torch.Tensor | None = None  # Proxy Norm: activation -> (act - mu~) * inv_std~
         self.post_shift: torch.Tensor | None = None
         self.fallback: dict[str, Any] = {}  # role -> generic handle, when layer mode did not apply
-        # BatchNorm: layer_tables' float32 (5, C) rows scale, shift (the other role's map), then
-        # grad_scale (gamma * rstd), a, center with x_hat = (stored - center) * a for its backward
+        # layer_tables' float32 (6, E) rows (LAYER_TABLE_ROWS), per channel or per (sample, channel):
+        # scale, shift (the other role's map), then grad_scale (gamma * rstd), a, center with
+        # x_hat = (stored - center) * a for the norm's backward
         self.norm_floats: torch.Tensor | None = None
+        self.norm = ""  # "batch_norm", "group_norm" or "proxy_norm" (see norm_backward)
+        self.groups = 0  # GroupNorm's
+        # ProxyNormAct: its proxy statistics (mu~, 1/std~) and its function's config, for its backward
+        self.proxy: tuple[tuple[torch.Tensor, torch.Tensor], tuple] | None = None
         self.cache: tuple[str, torch.Tensor] | None = None  # the last rebuilt non-input role
 
     def rebuild(self, role: str, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -458,12 +466,24 @@ class _Layer:
             return _row_step(self.fallback[role])
         return self.stored.row_step if isinstance(self.stored, Packed) else 1
 
-    def norm_backward(self, grad: torch.Tensor, need_input_grad: bool, input_dtype: torch.dtype):
-        """BatchNorm backward from the stored copy: (input grad, weight grad, bias grad), float32
-        parameter gradients (:func:`graphpass.quantize.batch_norm_backward`)."""
+    def norm_backward(self, grad: torch.Tensor, need_input_grad: bool, input_dtype: torch.dtype, params: tuple):
+        """The norm's backward from the stored copy, its input never rebuilt: (input grad or None, then
+        the gradients of ``params``, float32 where the norm's own are; see :class:`_NormFromCopy`)."""
         self.cache = None  # the activation output's backward ran before this one: nothing reads it again
-        floats = self.norm_floats[2:5]
-        return batch_norm_backward(self.stored, grad, floats, need_input_grad=need_input_grad, dtype=input_dtype)
+        floats = self.norm_floats[2:5]  # grad_scale, a, center
+        if self.norm == "batch_norm":
+            return batch_norm_backward(self.stored, grad, floats, need_input_grad=need_input_grad, dtype=input_dtype)
+        if self.norm == "group_norm":  # its activation, if any, is a node of its own
+            grad_x, rows = group_norm_backward(
+                self.stored, grad, floats, *params, groups=self.groups, need_input_grad=need_input_grad, dtype=input_dtype
+            )
+            return grad_x, rows[0], rows[1]
+        (mu, inv_std), config = self.proxy
+        grad_x, rows = group_norm_backward(
+            self.stored, grad, floats, params[0], params[1], groups=self.groups, activation=Activation(config[1], config[2]),
+            output_map=(mu, inv_std), need_input_grad=need_input_grad, dtype=input_dtype,
+        )  # fmt: skip
+        return (grad_x, *proxy_norm.parameter_grads(params, mu, inv_std, rows.unbind(0), config))
 
     def _epilogue(self, role: str) -> dict[str, Any]:
         """How ``role`` follows from the stored tensor: activation(stored) * scale + shift."""
@@ -506,6 +526,14 @@ def _norm_statistics(y: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Te
     return (mean.float(), rstd.float()) if ok and rstd.shape == mean.shape else None
 
 
+def _reads_copy(stored: Packed | torch.Tensor) -> bool:
+    """Whether :func:`group_norm_backward` reads a GroupNorm-type layer's ``stored``: channels on
+    dimension 1 and, for a copy, samples outermost in memory (an NCHW or channels_last tensor's)."""
+    if isinstance(stored, Packed):
+        return stored.layout == "anchored" and stored.channel_dim == 1 and stored.perm[0] == 0
+    return stored.dim() >= 2
+
+
 def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)  # skips the dispatch of a no-op .to
 
@@ -516,18 +544,21 @@ def _keeps_graph() -> bool:
     return bool(keep_graph()) if keep_graph is not None else False
 
 
-class _BatchNormFromCopy(torch.autograd.Function):
-    """Stands in for a training-mode BatchNorm's autograd node once its layer holds a copy.
+class _NormFromCopy(torch.autograd.Function):
+    """Stands in for a norm's autograd node (training-mode BatchNorm, GroupNorm, ProxyNormAct) once
+    its layer holds a copy.
 
     Forward returns the norm's output (already computed, exactly as the model computes it) as a
-    new tensor whose backward is :meth:`_Layer.norm_backward`; the original node, with what it
-    saved, is dropped. Inputs: ``(y detached, x, weight, bias, layer)``.
+    new tensor whose backward is :meth:`_Layer.norm_backward`, which reads the copy where the
+    norm's own backward would read its input rebuilt at full size; the original node, with what it
+    saved, is dropped. Inputs: ``(y detached, x, layer, *parameters)``: weight and bias (None where
+    the norm has none), and for ProxyNormAct gamma~ and beta~ after them.
     """
 
     @staticmethod
-    def forward(ctx, y, x, weight, bias, layer):
+    def forward(ctx, y, x, layer, *params):
         ctx.layer, ctx.input_dtype = layer, x.dtype
-        ctx.param_dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
+        ctx.params = params  # the module's parameters, alive anyway; their gradients are all it needs
         return y.detach()  # an alias, not a view: the activation after it may run in place
 
     @staticmethod
@@ -536,19 +567,18 @@ class _BatchNormFromCopy(torch.autograd.Function):
         layer = ctx.layer
         if layer is None:
             raise RuntimeError(
-                "graphpass: a second backward through a compressed BatchNorm layer; this torch cannot tell "
+                "graphpass: a second backward through a compressed normalized layer; this torch cannot tell "
                 "that the first one used retain_graph=True, so the layer's copy was already freed"
             )
         # Autograd frees what a node saved once its backward ran; an attribute of ctx it does not:
         # drop the layer (its copy) here, unless the graph is kept for another backward.
         if not _keeps_graph():
             ctx.layer = None
-        grad_x, grad_weight, grad_bias = layer.norm_backward(grad, ctx.needs_input_grad[1], ctx.input_dtype)
-        weight_dtype, bias_dtype = ctx.param_dtypes
-        _, _, need_weight, need_bias, _ = ctx.needs_input_grad
-        grad_weight = _as_dtype(grad_weight, weight_dtype) if need_weight else None
-        grad_bias = _as_dtype(grad_bias, bias_dtype) if need_bias else None
-        return None, grad_x, grad_weight, grad_bias, None
+        grad_x, *param_grads = layer.norm_backward(grad, ctx.needs_input_grad[1], ctx.input_dtype, ctx.params)
+        needs = ctx.needs_input_grad[3:]
+        return None, grad_x, None, *(
+            _as_dtype(g, p.dtype) if need else None for g, p, need in zip(param_grads, ctx.params, needs)
+        )
 
 
 class _ConvFromCopy(torch.autograd.Function):
@@ -676,8 +706,8 @@ class _Session:
         self, index: int, y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
         *, bits: int, norm: str, activation: Activation,
     ) -> torch.Tensor:  # fmt: skip
-        """Make layer ``index``'s copy; return the tensor the graph continues with (``y``, or for a
-        BatchNorm, ``y`` under a :class:`_BatchNormFromCopy` node)."""
+        """Make layer ``index``'s copy; return the tensor the graph continues with: ``y`` under a
+        :class:`_NormFromCopy` node (``y`` itself where the copy's layout does not allow that)."""
         layer = self.layers.get(index)
         if layer is None or layer.input is None:
             return y
@@ -690,11 +720,15 @@ class _Session:
         without_grad(
             self._fill_layer, layer, x, y, weight, bias, stats, bits=bits, norm=norm, activation=activation
         )
+        params = (weight, bias)
+        if norm == "proxy_norm":
+            node = y.grad_fn
+            params, layer.proxy = node.parameters, (node.proxy_stats, node.config)
+        if norm == "batch_norm" or _reads_copy(layer.stored):
+            y = _NormFromCopy.apply(y.detach(), x, layer, *params)
         if norm == "proxy_norm":  # y is already the activation output
             self._register(y, _LayerRef(layer, "activation", y.dtype))
             return y
-        if norm == "batch_norm":
-            y = _BatchNormFromCopy.apply(y.detach(), x, weight, bias, layer)
         self._register(y, _LayerRef(layer, "output", y.dtype))
         if activation.name != "none":
             self.awaiting[y.grad_fn] = layer
@@ -702,7 +736,7 @@ class _Session:
 
     def _fill_layer(self, layer, x, y, weight, bias, stats, *, bits, norm, activation) -> None:
         mean, rstd = stats
-        layer.activation = activation
+        layer.activation, layer.norm = activation, norm
         # With an activation, store the pre-activation h on a grid anchored at 0 (exact activation
         # sign); without one, store x (a zero-initialised gamma cannot lose it).
         store_output = activation.name not in ("none", "identity") or norm == "proxy_norm"
@@ -710,12 +744,12 @@ class _Session:
         if norm == "batch_norm":  # per-channel tables, in one launch on CUDA
             table, floats = layer_tables(mean, rstd, weight, bias, bits=self.bits, store_output=store_output)
             grid = {"grid": table}
-            layer.norm_floats = floats  # the other role's map and what its backward needs (_Layer.norm_backward)
             target = y if store_output else x
         else:  # GroupNorm: statistics per (sample, group), tables per (sample, channel), one launch on CUDA
             table_shape = (y.shape[0], y.shape[1]) + (1,) * (y.dim() - 2)
             _, floats = layer_tables(mean, rstd, weight, bias, bits=None, store_output=store_output, channels=y.shape[1])
             layer.scale, layer.shift, h_scale, _, _, h_shift = floats.view(6, *table_shape).unbind(0)
+            layer.groups = mean.shape[1]
             target = y
             if norm == "proxy_norm":
                 # ProxyNormAct keeps h inside its fused function: materialise it once to store it.
@@ -727,6 +761,7 @@ class _Session:
             # Group statistics say little about single channels: measure them (one extra read).
             var, grid_mean = torch.var_mean(target, dim=[0, *range(2, target.dim())], correction=0)
             grid = {"mean": grid_mean.float(), "std": var.float().sqrt()}
+        layer.norm_floats = floats  # the other role's map and what its backward needs (_Layer.norm_backward)
         if self.bits is None:
             layer.stored = target.detach().clone()
             layer.format = "exact-layer"

@@ -126,9 +126,9 @@ def test_views_share_storage_and_gradient():
 def test_backward_rebuilds_each_compressed_copy_at_full_size_while_its_saver_runs(norm):
     """Conv -> Norm -> ReLU -> Conv at 4 bits: one layer copy, kept from quantize_layer (which makes
     it after the norm has saved its input) through the norm's backward; the ReLU and the second
-    conv each rebuild a full-size tensor from it during their own backward step, and so does a
-    GroupNorm; a BatchNorm's backward reads the copy itself. Nothing else rebuilds (the first conv
-    saves the model's input as it is; quantize_layer's backward reads nothing)."""
+    conv each rebuild a full-size tensor from it during their own backward step; the norm's backward
+    (BatchNorm or GroupNorm) reads the copy itself. Nothing else rebuilds (the first conv saves the
+    model's input as it is; quantize_layer's backward reads nothing)."""
     norm_layer = nn.BatchNorm2d(8) if norm == "batch" else nn.GroupNorm(2, 8)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), norm_layer, nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
     x = torch.randn(2, 3, 16, 16)  # layer tensors of 2 * 8 * 16 * 16 = 4,096 elements: compressed
@@ -137,7 +137,7 @@ def test_backward_rebuilds_each_compressed_copy_at_full_size_while_its_saver_run
     (copy,) = [t for t in live.tensors if t.kind == "compressed"]
     assert copy.node == "quantize_layer" and copy.end == live.steps.index("backward _1") + 1
     unpacked = {t.node: t for t in live.tensors if t.kind == "unpacked"}
-    assert set(unpacked) == ({"_2", "_3"} if norm == "batch" else {"_1", "_2", "_3"})
+    assert set(unpacked) == {"_2", "_3"}
     for node, t in unpacked.items():
         assert t.nbytes == 2 * 8 * 16 * 16 * 4
         assert (t.start, t.end) == (live.steps.index(f"backward {node}"), live.steps.index(f"backward {node}") + 1)
