@@ -218,7 +218,8 @@ def _affine_from_stats(
 class _ProxyNormActFunction(torch.autograd.Function):
     """GroupNorm (no affine) + affine + activation + proxy normalization in one autograd node.
 
-    Full-size passes: forward 3 (group norm with affine, activation, proxy normalization);
+    Full-size passes: forward 3 (group norm with affine, activation, proxy normalization), in one
+    buffer besides the input (gelu, which has no in-place form: two);
     backward 4 for ReLU and LeakyReLU (recompute the pre-activation, one sum, activation
     backward, native group-norm backward), 6 for the other activations.
     """
@@ -234,7 +235,9 @@ class _ProxyNormActFunction(torch.autograd.Function):
         )  # fmt: skip
         nd = x.dim()
         output_map = (_channel_view(inv_std, nd), _channel_view(-mu * inv_std, nd))
-        out = torch.addcmul(output_map[1], Activation(activation, negative_slope)(h), output_map[0])
+        # In place on h (the forward's only full-size temporary): the step holds x and one tensor here.
+        out = Activation(activation, negative_slope)(h, inplace=True)
+        out = torch.addcmul(output_map[1], out, output_map[0], out=out)
         # Only x and per-(sample, group) statistics: everything else is rebuilt in backward. The
         # proxy statistics (C floats each, depending on the parameters only) are kept as they are:
         # backward reads them instead of computing them again, graphpass's layer mode reads them and

@@ -185,6 +185,24 @@ def test_fused_layer_saves_only_its_input_and_group_statistics():
     assert sum(naive.values()) >= 3 * x.nbytes
 
 
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
+def test_forward_holds_one_full_size_tensor_beside_its_input(activation):
+    """The forward's temporaries (the normalized h, the activation, the output) share one buffer:
+    at its peak the call holds the output and the per-group statistics, nothing else full-size."""
+    from graphpass.measure import StorageTracker
+
+    m = make(activation, channels=16, groups=4)
+    x = torch.randn(4, 16, 32, 32, requires_grad=True) * 1
+    tracker = StorageTracker([x, *m.parameters()])
+    before = tracker.current
+    with tracker:
+        out = m(x)
+    assert out.untyped_storage().nbytes() == x.nbytes
+    # gelu has no in-place form: its result is a second buffer
+    full = 2 if activation == "gelu" else 1
+    assert tracker.peak - before < (full + 0.1) * x.nbytes, (tracker.peak - before) / x.nbytes
+
+
 def test_saved_input_goes_through_saved_tensor_hooks():
     """Compression hooks must see the input: replacing it in unpack changes the gradient."""
     m = make("relu")
