@@ -719,7 +719,8 @@ def group_norm_backward(
     for _, sample, v, g in chunks():
         gh = act.backward(g, v)
         part = [gh.sum(2), (gh * (v - center[sample])).sum(2)]
-        part += [part[0] if act.name in _IDENTITY else g.sum(2), torch.zeros_like(part[0]) if act.homogeneous else (g * act(v)).sum(2)]
+        # An identity's gh is g itself: its sum serves twice, bit for bit (PN's beta gradient cancels exactly).
+        part += [part[0] if gh is g else g.sum(2), torch.zeros_like(part[0]) if act.homogeneous else (g * act(v)).sum(2)]
         sums.index_add_(0, sample, torch.stack(part, 1))
     defaults = [torch.full((channels,), value, device=device) if t is None else t for t, value in zip(params, (1.0, 0.0, 0.0, 1.0))]
     tables, rows = _group_norm_tables_torch(sums, floats, *defaults, groups, count, act.homogeneous)
@@ -735,8 +736,6 @@ def group_norm_backward(
         return _restore(out, stored.shape, stored.perm), rows
     return out.view(stored.shape), rows
 
-
-_IDENTITY = ("none", "identity")
 
 
 def _group_norm_layout(stored: Packed | torch.Tensor, grad: torch.Tensor, backend: str | None):

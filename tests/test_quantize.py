@@ -653,6 +653,12 @@ def test_group_norm_backward_keeps_nan_in_its_group():
     assert not torch.isfinite(grad_x[spoiled]).any() and torch.isfinite(grad_x[~spoiled]).all()
 
 
+def test_group_norm_backward_of_an_empty_batch():
+    p = pack_anchored(torch.randn(0, 8, 5, 5), 4, mean=torch.zeros(8), std=torch.ones(8))
+    grad_x, rows = group_norm_backward(p, torch.randn(0, 8, 5, 5), torch.ones(3, 0), None, None, groups=4, activation=Activation("relu"))
+    assert grad_x.shape == (0, 8, 5, 5) and torch.equal(rows, torch.zeros(4, 8))
+
+
 def test_group_norm_backward_bad_arguments_are_clear_errors():
     stored, grad, floats, params, groups, act, output_map, _ = _gn_backward_case("nchw")
     with pytest.raises(InputError, match="groups=3"):
