@@ -541,6 +541,25 @@ def test_channels_last_and_autocast_bf16():
     assert cosine(g_r, g_c) > 0.99
 
 
+def test_gn_pn_channels_last_and_autocast_bf16():
+    """GroupNorm + PN-Act layers, whose backward reads the copy, under channels_last and bf16
+    autocast: the forward as the uncompressed gn+pn model's, gradients close to it."""
+    import graphpass as gp
+
+    model = SmallResNet().train().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 16, 16).to(memory_format=torch.channels_last)
+    exact = gp.transform(model, (x,), bits=None, norm="gn+pn", groups=4)
+    gm = gp.transform(model, (x,), bits=8, norm="gn+pn", groups=4)
+    out_r, _, g_r = step(exact, x)
+    out_c, _, g_c = step(gm, x)
+    assert torch.equal(out_r, out_c) and cosine(g_r, g_c) > 0.999
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_r, _, g_r = step(exact, x, loss=lambda o: (o.float() ** 2).sum())
+        out_c, _, g_c = step(gm, x, loss=lambda o: (o.float() ** 2).sum())
+    assert out_c.dtype == torch.bfloat16 and torch.equal(out_r, out_c)
+    assert cosine(g_r, g_c) > 0.99
+
+
 def test_fp16_saved_tensors():
     model = conv_norm_act("bn", "silu", False).train().half()
     x = torch.randn(4, 3, 12, 12).half()
