@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python examples/host_cost.py [--model torchvision:resnet50] [--batch 2] [--image 16]
                                               [--bits 4] [--norm keep|gn+pn] [--steps 40] [--json FILE]
+                                              [--compile-for-h100]
 
 On a fast GPU a transformed training step is bound by the host: Python hooks, eager ops and
 Triton launches, not kernels (see ``examples/profile_step.py``). This script runs the same host
@@ -26,6 +27,10 @@ It reports:
 - the host time inside Triton launches per step, graphpass's direct launches against the same
   model's steps launching through ``JITFunction.run``, interleaved with the others: their paired
   difference is what direct launches save.
+
+``--compile-for-h100`` first compiles every kernel specialization the run asks for, for real, for
+the stub's H100 target (Triton's compiler and the ptxas it bundles; no GPU): a kernel that would not
+build on the GPU fails the run. It needs ``TRITON_INTERPRET`` unset.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ except ImportError:  # the CUDA path needs the Triton wrappers, if not their lau
     sys.exit("host_cost.py needs triton installed (its kernels are not launched)")
 
 LAUNCHES: collections.Counter[str] = collections.Counter()
+COMPILED: list = []  # the stubbed JITFunctions, whose caches hold one entry per specialization compiled
 
 
 class _CountedLaunch:
@@ -97,22 +103,32 @@ class _TimedLaunch:
         return timed
 
 
-def take_cuda_path_on_cpu() -> str:
+def take_cuda_path_on_cpu(compile_for_h100: bool = False) -> str:
     """Route the runtime's CUDA path onto CPU tensors; returns how launches are handled. Fills
     KERNEL_TABLES: "graphpass" launches as graphpass does on a GPU (directly, once checked), and
-    THROUGH_TRITON, when direct launches are on, through Triton's JITFunction.run every time."""
+    THROUGH_TRITON, when direct launches are on, through Triton's JITFunction.run every time.
+    ``compile_for_h100``: each specialization is compiled for an H100 before its stub takes over
+    (:func:`graphpass.triton_launch.stub_compiles`); its compiles are counted in COMPILED."""
     kernel_types = (
         triton.runtime.JITFunction, triton.runtime.interpreter.InterpretedFunction, triton_launch.DirectLaunch
     )  # fmt: skip
     names = [n for n in dir(kernels) if n.endswith("_kernel") and isinstance(getattr(kernels, n), kernel_types)]
+    if compile_for_h100 and any(isinstance(getattr(kernels, n), triton.runtime.interpreter.InterpretedFunction) for n in names):
+        sys.exit("host_cost.py --compile-for-h100: the kernels are interpreted (TRITON_INTERPRET=1); unset it")
     mode = "Triton's launch work, no driver call"
     try:
         triton.runtime.driver.set_active(triton_launch.StubDriver())
-        stubbed = {name: triton_launch.stub_compiles(getattr(kernels, name), _counter(_label(name))) for name in names}
+        stubbed = {
+            name: triton_launch.stub_compiles(getattr(kernels, name), _counter(_label(name)), compile_for_target=compile_for_h100)
+            for name in names
+        }
+        COMPILED.extend(stubbed.values())
         KERNEL_TABLES["graphpass"] = {name: triton_launch.direct_launch(k) for name, k in stubbed.items()}
         if triton_launch.ENABLED:
             KERNEL_TABLES[THROUGH_TRITON] = stubbed
     except (AttributeError, ImportError, TypeError) as e:
+        if compile_for_h100:
+            sys.exit(f"host_cost.py --compile-for-h100: this Triton's launch internals differ ({e})")
         print(f"this Triton's launch internals differ ({e}): launches are counted no-ops", file=sys.stderr)
         KERNEL_TABLES["graphpass"] = {name: _CountedLaunch(_label(name)) for name in names}
         mode = "counted no-ops (launch work excluded)"
@@ -262,12 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--norm", choices=("keep", "gn+pn"), default="keep")
     parser.add_argument("--steps", type=int, default=40, help="rounds of interleaved steps timed")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    parser.add_argument(
+        "--compile-for-h100", action="store_true",
+        help="compile every kernel specialization for an H100 (no GPU needed): checks that each builds",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     # Opened first, like graphpass bench's: a bad path fails before the minute of measuring.
     json_out = atomic_output(args.json, suffixes=(".json",)) if args.json else contextlib.nullcontext()
     with json_out as tmp:
         torch.set_num_threads(1)
-        launch_mode = take_cuda_path_on_cpu()
+        launch_mode = take_cuda_path_on_cpu(args.compile_for_h100)
         direct = "on" if triton_launch.ENABLED else "off (GRAPHPASS_DIRECT_LAUNCH=0)"
         print(f"Triton launches: {launch_mode}; direct launches {direct}")
         per_call = per_call_us(args.bits)
@@ -291,8 +311,15 @@ def main(argv: list[str] | None = None) -> int:
         saved = step.get("direct launches save ms (median of paired differences)")
         if saved:
             print(f"  direct launches save {saved['inside launches']:.1f} ms inside launches, {saved['whole step']:.1f} ms of the step")
+        compiled = {}
+        if args.compile_for_h100:
+            compiled = {jit.fn.__name__: len(jit.device_caches[0][0]) for jit in COMPILED if jit.device_caches[0][0]}
+            print(f"  compiled for an H100 (sm_90): {sum(compiled.values())} specializations of {len(compiled)} kernels")
         if tmp is not None:
-            tmp.write_text(json.dumps({"per call us": per_call, "launches": launch_mode, "direct launches": triton_launch.ENABLED, **vars(args), **step}, indent=2) + "\n")
+            doc = {"per call us": per_call, "launches": launch_mode, "direct launches": triton_launch.ENABLED, **vars(args), **step}
+            if args.compile_for_h100:
+                doc["specializations compiled for an H100"] = compiled
+            tmp.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 
 

@@ -251,12 +251,16 @@ class _StubKernel:
         self.on_launch(self, call)
 
 
-def stub_compiles(kernel: Any, on_launch: Callable[[Any, tuple], None]) -> triton.runtime.JITFunction:
+def stub_compiles(
+    kernel: Any, on_launch: Callable[[Any, tuple], None], *, compile_for_target: bool = False
+) -> triton.runtime.JITFunction:  # fmt: skip
     """A new JITFunction of ``kernel``'s Python function (``kernel``: a :class:`DirectLaunch`, a
     JITFunction or, under ``TRITON_INTERPRET=1``, an interpreted function), whose compiles put a stub
     compiled kernel in its cache; the stub's launches call ``on_launch(stub, call)`` with the
     arguments Triton passed it. ``kernel`` itself, and its compiled kernels on a GPU, stay as they
-    are. Needs :class:`StubDriver` active."""
+    are. Needs :class:`StubDriver` active. With ``compile_for_target`` each specialization is first
+    compiled for real, for the stub driver's H100 (Triton's compiler and its bundled ptxas, no GPU):
+    a kernel that would not build on the GPU fails here."""
     source = kernel.fn if isinstance(kernel, DirectLaunch) else kernel
     if isinstance(source, triton.runtime.interpreter.InterpretedFunction):
         options = source.kwargs
@@ -269,7 +273,11 @@ def stub_compiles(kernel: Any, on_launch: Callable[[Any, tuple], None]) -> trito
     if not (hasattr(jit, "device_caches") and hasattr(jit, "_do_compile")):
         raise AttributeError("this Triton's JITFunction has no device_caches/_do_compile to stub")
 
+    compile_for_real = jit._do_compile
+
     def compile_stub(key, signature, device, *args, **kwargs):
+        if compile_for_target:
+            compile_for_real(key, signature, device, *args, **kwargs)  # its cache entry is replaced below
         stub = jit.device_caches[device][0][key] = _StubKernel(on_launch)
         return stub
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import graphpass.triton_kernels as triton_kernels
 from graphpass.cli import main as graphpass_main
 
 pytestmark = pytest.mark.slow
@@ -16,8 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def run_example(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def run_example(*args: str, timeout: int = 240, compiled_kernels: bool = False) -> subprocess.CompletedProcess:
+    """Run an example; ``compiled_kernels``: without TRITON_INTERPRET, which the tests set."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if compiled_kernels:
+        env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -113,3 +117,17 @@ def test_host_cost_runs_the_cuda_path_with_counted_launches(tmp_path):
     assert set(doc["direct launches save ms (median of paired differences)"]) == {"inside launches", "whole step"}
     assert doc["eager ops per step"]["graphpass"] > doc["eager ops per step"]["plain"] > 0
     assert doc["Python function calls per step"]["graphpass"] > doc["Python function calls per step"]["plain"] > 0
+
+
+def test_every_kernel_compiles_for_an_h100_without_a_gpu(tmp_path):
+    """resnet18 with GroupNorm + PN-Act, and the BatchNorm kernels of host_cost's per-call timings:
+    every kernel specialization the runtime's CUDA path asks for is compiled for an H100 (Triton's
+    compiler and its bundled ptxas), so a kernel that would not build fails here, not on a GPU."""
+    out = tmp_path / "host.json"
+    run_example(
+        str(EXAMPLES / "host_cost.py"), "--model", "torchvision:resnet18", "--batch", "2", "--image", "16",
+        "--norm", "gn+pn", "--steps", "1", "--compile-for-h100", "--json", str(out), timeout=600, compiled_kernels=True,
+    )  # fmt: skip
+    compiled = json.loads(out.read_text())["specializations compiled for an H100"]
+    kernels = {name for name in dir(triton_kernels) if name.endswith("_kernel")}
+    assert set(compiled) == kernels and all(n > 0 for n in compiled.values()), compiled
