@@ -215,12 +215,13 @@ def test_every_kernel_of_a_training_step_ends_up_launching_directly(stub_driver,
 _LAYER_KERNELS = (
     "_layer_tables_kernel", "_anchored_pack_kernel", "_anchored_unpack_kernel", "_anchored_channel_sums_kernel",
     "_group_pack_kernel", "_group_unpack_kernel", "_mask_pack_kernel", "_mask_unpack_kernel", "_proxy_statistics_kernel",
+    "_group_norm_tables_kernel",
 )  # fmt: skip
 
 
 def _layer_kernels_once(y: torch.Tensor, grad: torch.Tensor, stats: tuple) -> list[torch.Tensor]:
     """One BatchNorm layer's kernels, forward and backward, the generic and mask kernels, and a
-    GroupNorm + PN-Act layer's tables and proxy statistics (forward and backward)."""
+    GroupNorm + PN-Act layer's (:func:`_group_norm_layer_kernels`)."""
     from graphpass import quantize
 
     grid, floats = quantize.layer_tables(*stats, bits=4, store_output=True)
@@ -230,18 +231,28 @@ def _layer_kernels_once(y: torch.Tensor, grad: torch.Tensor, stats: tuple) -> li
     return [
         grid, floats, packed.codes, packed.flags, rebuilt, *quantize.batch_norm_backward(packed, grad, floats[2:5]),
         groups.codes, quantize.unpack(groups), mask.codes, quantize.unpack(mask, dtype=torch.float32),
-        *_group_norm_layer_kernels(stats),
+        *_group_norm_layer_kernels(stats, packed, grad),
     ]  # fmt: skip
 
 
-def _group_norm_layer_kernels(params: tuple) -> list[torch.Tensor]:
+def _group_norm_layer_kernels(params: tuple, packed, grad: torch.Tensor) -> list[torch.Tensor]:
+    """A GroupNorm + PN-Act layer's tables, proxy statistics and their gradients, and its backward
+    from the copy (``packed``: 8 samples of 64 channels, taken as 16 groups)."""
     from graphpass import proxy_norm, quantize
 
     per_group = (params[0].view(4, 16), params[1].view(4, 16))  # 4 samples, 16 groups of the 64 channels
     floats = quantize.layer_tables(*per_group, params[2], params[3], bits=None, store_output=True, channels=64)[1]
     pn = dict(activation="silu", negative_slope=0.01, num_points=200)
     mu, inv_std = proxy_norm._statistics(params, proxy_eps=0.03, **pn)
-    return [floats, mu, inv_std, *proxy_norm._proxy_statistics_grads(params, mu, inv_std, params[0], params[3], **pn)]
+    backward_floats = torch.cat([floats[2:5]] * 2, dim=1)  # the 4 samples' tables twice: 8 samples
+    grad_x, rows = quantize.group_norm_backward(
+        packed, grad, backward_floats, params[2], params[3], groups=16, activation=quantize.Activation("silu"),
+        output_map=(mu, inv_std),
+    )  # fmt: skip
+    return [
+        floats, mu, inv_std, *proxy_norm._proxy_statistics_grads(params, mu, inv_std, params[0], params[3], **pn),
+        grad_x, rows,
+    ]  # fmt: skip
 
 
 @pytest.mark.gpu
