@@ -176,7 +176,7 @@ def test_graphpass_kernels_launch_directly_unless_turned_off(monkeypatch):
     "norm, kernels_used",
     [
         ("keep", {"_layer_tables_kernel", "_anchored_channel_sums_kernel", "_mask_pack_kernel"}),
-        ("gn+pn", {"_layer_tables_kernel", "_anchored_table_kernel", "_proxy_statistics_kernel"}),
+        ("gn+pn", {"_layer_tables_kernel", "_anchored_table_kernel", "_proxy_statistics_kernel", "_group_norm_tables_kernel"}),
     ],
 )
 def test_every_kernel_of_a_training_step_ends_up_launching_directly(stub_driver, monkeypatch, norm, kernels_used):
