@@ -57,6 +57,7 @@ __all__ = [
     "batch_norm_grad_tables",
     "batch_norm_backward",
     "group_norm_backward",
+    "group_norm_reads",
     "GROUP_NORM_GRAD_ROWS",
     "LAYER_TABLE_ROWS",
     "NORM_GRAD_ROWS",
@@ -738,19 +739,28 @@ def group_norm_backward(
 
 
 
-def _group_norm_layout(stored: Packed | torch.Tensor, grad: torch.Tensor, backend: str | None):
-    """(grad as the passes read it, samples, channels, inner): flat in the copy's memory order, whose
-    (rows, channels, inner) view has a whole number of rows per sample; an exact tensor as (N, C, *)."""
-    where = "group_norm_backward"
+def group_norm_reads(stored: Packed | torch.Tensor) -> bool:
+    """Whether :func:`group_norm_backward` reads ``stored``: an anchored copy with channels on
+    dimension 1 and samples outermost in memory (an NCHW or channels_last tensor's), or an exact
+    (N, C, *) tensor."""
     if isinstance(stored, Packed):
-        if stored.layout == "anchored" and (stored.channel_dim != 1 or stored.perm[0] != 0):
-            raise InputError(f"{where}: the copy must hold channels on dimension 1 and samples outermost in memory")
-        flat, channels, inner = _grad_for(stored, grad, where, backend)
-        return flat, stored.shape[0], channels, inner
-    _check_backend(backend)
-    if grad.shape != stored.shape or stored.dim() < 2:
-        raise InputError(f"{where}: grad must have the shape {tuple(stored.shape)} of the stored (N, C, *) tensor, got {tuple(grad.shape)}")
-    return grad, stored.shape[0], stored.shape[1], math.prod(stored.shape[2:])
+        return stored.layout == "anchored" and stored.channel_dim == 1 and stored.perm[0] == 0
+    return stored.dim() >= 2
+
+
+def _group_norm_layout(stored: Packed | torch.Tensor, grad: torch.Tensor, backend: str | None):
+    """(grad as the passes read it, samples, channels, inner) (:func:`_norm_grad_layout`): flat in the
+    copy's memory order, whose (rows, channels, inner) view has a whole number of rows per sample;
+    an exact tensor as (N, C, positions)."""
+    if not group_norm_reads(stored):
+        raise InputError(
+            "group_norm_backward: the stored tensor must be an anchored copy with channels on dimension 1 and "
+            "samples outermost in memory, or an (N, C, *) tensor"
+        )
+    flat, channels, inner = _norm_grad_layout(stored, grad, "group_norm_backward", backend)
+    if not isinstance(stored, Packed):
+        inner = math.prod(stored.shape[2:])
+    return flat, stored.shape[0], channels, inner
 
 
 def _group_norm_chunks(stored: Packed | torch.Tensor, grad: torch.Tensor, samples: int, channels: int, inner: int):

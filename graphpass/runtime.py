@@ -69,6 +69,7 @@ from graphpass.quantize import (
     apply_epilogue,
     batch_norm_backward,
     group_norm_backward,
+    group_norm_reads,
     layer_tables,
     pack_anchored,
     pack_groups,
@@ -526,14 +527,6 @@ def _norm_statistics(y: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Te
     return (mean.float(), rstd.float()) if ok and rstd.shape == mean.shape else None
 
 
-def _reads_copy(stored: Packed | torch.Tensor) -> bool:
-    """Whether :func:`group_norm_backward` reads a GroupNorm-type layer's ``stored``: channels on
-    dimension 1 and, for a copy, samples outermost in memory (an NCHW or channels_last tensor's)."""
-    if isinstance(stored, Packed):
-        return stored.layout == "anchored" and stored.channel_dim == 1 and stored.perm[0] == 0
-    return stored.dim() >= 2
-
-
 def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)  # skips the dispatch of a no-op .to
 
@@ -724,7 +717,7 @@ class _Session:
         if norm == "proxy_norm":
             node = y.grad_fn
             params, layer.proxy = node.parameters, (node.proxy_stats, node.config)
-        if norm == "batch_norm" or _reads_copy(layer.stored):
+        if norm == "batch_norm" or group_norm_reads(layer.stored):
             y = _NormFromCopy.apply(y.detach(), x, layer, *params)
         if norm == "proxy_norm":  # y is already the activation output
             self._register(y, _LayerRef(layer, "activation", y.dtype))

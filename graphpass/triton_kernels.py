@@ -462,8 +462,8 @@ def _anchored_channel_sums_kernel(
     tl.store(sums_ptr + (split * rows_out + 1) * channels + channel, tl.sum(tl.sum(sum_gv, axis=1), axis=0))
     if GROUP_NORM:  # the identity's grad is its act'(v) * grad: the same sum, bit for bit
         raw = sum_g if ACTIVATION == 0 else sum_raw
-        tl.store(sums_ptr + (split * 4 + 2) * channels + channel, tl.sum(tl.sum(raw, axis=1), axis=0))
-        tl.store(sums_ptr + (split * 4 + 3) * channels + channel, tl.sum(tl.sum(sum_gz, axis=1), axis=0))
+        tl.store(sums_ptr + (split * rows_out + 2) * channels + channel, tl.sum(tl.sum(raw, axis=1), axis=0))
+        tl.store(sums_ptr + (split * rows_out + 3) * channels + channel, tl.sum(tl.sum(sum_gz, axis=1), axis=0))
     if FINALIZE:
         # acq_rel: the parts stored before each arrival are visible to the program that arrives last.
         if tl.atomic_add(arrived_ptr + channel, 1) == splits - 1:
@@ -617,7 +617,8 @@ def _group_norm_tables_kernel(
         weight_raw += tl.sum(a * sum_ghv, axis=0)
         total_gh += tl.sum(sum_gh, axis=0)
         total_g += tl.sum(tl.load(at + 2 * channels, mask=valid, other=0.0), axis=0)
-        total_gz += tl.sum(tl.load(at + 3 * channels, mask=valid, other=0.0), axis=0)
+        if not HOMOGENEOUS:  # else the sums kernel left row 3 empty
+            total_gz += tl.sum(tl.load(at + 3 * channels, mask=valid, other=0.0), axis=0)
     if HOMOGENEOUS:  # act(h) = h * act'(h): sum(grad * act(h)) from the other sums
         w = tl.load(w_ptr + c, mask=inside, other=0.0) if HAS_WEIGHT else one
         b = tl.load(b_ptr + c, mask=inside, other=0.0) if HAS_BIAS else one * 0.0
