@@ -79,6 +79,7 @@ DEFAULT_GROUP_SIZE = 256
 FLAG_BLOCK = 1024  # anchored layout: elements per NaN/Inf flag (one Triton program each)
 TORCH_CHUNK = 2**17  # elements the PyTorch path rebuilds at a time where it need not rebuild all
 TINY_STEP = 2.0**-100  # smallest grid step; keeps 1/step finite for constant channels
+_EXACT_INTEGERS = float(2**24)  # float32 holds every integer up to this
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _BACKENDS = (None, "torch", "triton")
 T = TypeVar("T")
@@ -277,6 +278,7 @@ def pack_anchored(
     mean: torch.Tensor | None = None,
     std: torch.Tensor | None = None,
     grid: torch.Tensor | None = None,
+    anchored: bool = True,
     channel_dim: int = 1,
     stochastic: bool = False,
     backend: str | None = None,
@@ -284,11 +286,13 @@ def pack_anchored(
     """Quantize ``v`` on BLPA's zero-anchored per-channel grid.
 
     ``mean``/``std`` are the per-channel mean and standard deviation of ``v`` (C elements each,
-    any shape); they set the window ``mean_c +- 3 std_c``. The per-channel grid derived from them is
-    stored (12 bytes per channel). Sign is exact: codes at or above the channel's shift are exactly
-    ``v > 0``, and rebuilt values are > 0 exactly where ``v > 0``. Inside the window the error is at
-    most ``step_c / 2``. ``stochastic=True`` rounds between bin midpoints without bias, except within
-    half a step of zero (the sign wins) and outside the window (clipped).
+    any shape); they set the window ``mean_c +- 3 std_c``. The per-channel grid derived from them
+    (:func:`anchored_grid`) is stored (12 bytes per channel). Sign is exact: codes at or above the
+    channel's shift are exactly ``v > 0``, and rebuilt values are > 0 exactly where ``v > 0``.
+    Inside the window the error is at most ``step_c / 2``. ``stochastic=True`` rounds between bin
+    midpoints without bias, except within half a step of zero (the sign wins) and outside the
+    window (clipped). ``anchored=False`` centres the grid on the mean instead (a finer step where
+    ``|mean| > 3 std``); then the sign is not kept.
     Instead of ``mean``/``std``, ``grid`` may give that grid itself (as :func:`layer_tables` makes it).
     """
     _check_bits(bits)
@@ -305,6 +309,8 @@ def pack_anchored(
     if grid is not None:
         if mean is not None or std is not None:
             raise InputError("pack_anchored: give either mean and std or grid, not both")
+        if not anchored:
+            raise InputError("pack_anchored: anchored=False applies to the grid made from mean and std, not to a given grid")
         if grid.shape != (channels, 3) or grid.dtype != torch.float32 or not grid.is_contiguous() or grid.device != v.device:
             raise InputError(
                 f"pack_anchored: grid must be a contiguous float32 ({channels}, 3) table on {v.device} "
@@ -317,7 +323,10 @@ def pack_anchored(
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise InputError(f"pack_anchored: {name} must be a tensor of {channels} elements (channel_dim={channel_dim}), got {got}")
             stats.append(_flat_float32(t, v.device))
-        grid = kernels.anchored_table(*stats, bits) if use_kernels else torch.stack(anchored_grid(*stats, bits), 1)
+        if use_kernels:
+            grid = kernels.anchored_table(*stats, bits, anchored)
+        else:
+            grid = torch.stack(anchored_grid(*stats, bits, anchored=anchored), 1)
     if use_kernels:
         codes, flags = kernels.anchored_pack(flat, bits, grid, channels, inner, stochastic)
     else:
@@ -564,8 +573,9 @@ def layer_tables(
     ``gamma``/``beta`` are its affine parameters (None: 1 and 0), C elements each. ``floats`` is a
     (6, E) float32 table of the :func:`layer_maps` rows named by :data:`LAYER_TABLE_ROWS`, with an
     entry per channel (E = C) or per sample and channel (E = N * C, sample-major). ``grid`` is the
-    stored tensor's anchored grid for ``bits`` (as :func:`pack_anchored` takes it), per channel only:
-    None when ``bits`` is None.
+    stored tensor's grid for ``bits`` (as :func:`pack_anchored` takes it), per channel only: None when
+    ``bits`` is None. It is zero-anchored where the stored tensor is the output (``store_output``),
+    centred on the mean where it is the norm's input (:func:`anchored_grid`).
     """
     _check_backend(backend)
     if bits is not None:
@@ -597,7 +607,7 @@ def layer_tables(
         mean, rstd = (t.repeat_interleave(per_group) for t in (mean, rstd))
         gamma, beta = gamma.repeat(samples), beta.repeat(samples)
     maps = layer_maps(mean, rstd, gamma, beta, store_output=store_output)
-    grid = torch.stack(anchored_grid(maps.grid_mean, maps.grid_std, bits), 1) if bits is not None else None
+    grid = None if bits is None else torch.stack(anchored_grid(maps.grid_mean, maps.grid_std, bits, anchored=store_output), 1)
     return grid, torch.stack([maps.scale, maps.shift, maps.h_scale, maps.a, maps.center, maps.h_shift])
 
 
@@ -1098,22 +1108,33 @@ def _level_reciprocals(bits: int) -> tuple[float, float]:
     return 1.0 / (n - 1), (1.0 / (n - 4) if n > 4 else 0.0)
 
 
-def anchored_grid(mean: torch.Tensor, std: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-channel (step, 1/step, shift) of the zero-anchored grid, all float32 (what Packed.grid holds).
+def anchored_grid(
+    mean: torch.Tensor, std: torch.Tensor, bits: int, *, anchored: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel (step, 1/step, shift) of the grid, all float32 (what Packed.grid holds).
 
+    The window is ``mean +- 3 std`` in steps of ``6 std / 2**bits``. ``anchored``: 0 is a bin
+    boundary with a bin on each side (shift clamped to [1, 2**bits - 1]), so the sign is exact.
+    Where the window lies beyond zero's reach (``|mean| > ~3 std``), the step grows until the
+    ``2**bits - 1`` bins on the mean's side of zero reach the window's far edge: coarser, but not
+    clipped (BLPA's own grid clips that tail, papers.md 1.4). Not ``anchored``: the grid is centred
+    on the mean (for a tensor whose sign nothing reads).
     A zero or non-finite std (constant channel) falls back to a step that still represents the
-    mean; shift is clamped to [1, 2**bits - 1] so both signs have a bin.
-    The Triton table kernel computes the same float32 expressions."""
+    mean. The Triton table kernels compute the same float32 expressions."""
     n = 1 << bits
     step = std * (6.0 / n)
+    if anchored:
+        wide = (mean.abs() + 3.0 * std) * (1.0 / (n - 1))
+        step = torch.where(wide > step, wide, step)
     alt = mean.abs() * (2.0 / n)
     alt = torch.where((alt > TINY_STEP) & (alt < math.inf), alt, TINY_STEP)
     step = torch.where((step > TINY_STEP) & (step < math.inf), step, alt)
     inv = 1.0 / step
     q = torch.floor(mean * inv)
     q = torch.where(q == q, q, 0.0)
-    shift = torch.clamp((n // 2) - q, 1, n - 1)
-    return step, inv, shift
+    # Centred: within float32's exact integers, which also keeps an infinite mean's shift finite.
+    low, high = (1, n - 1) if anchored else (-_EXACT_INTEGERS, _EXACT_INTEGERS)
+    return step, inv, torch.clamp((n // 2) - q, low, high)
 
 
 # ----------------------------------------------------------------------------- PyTorch path

@@ -731,7 +731,8 @@ class _Session:
         mean, rstd = stats
         layer.activation, layer.norm = activation, norm
         # With an activation, store the pre-activation h on a grid anchored at 0 (exact activation
-        # sign); without one, store x (a zero-initialised gamma cannot lose it).
+        # sign); without one, store x (a zero-initialised gamma cannot lose it) on a grid centred
+        # on its mean (no sign to keep).
         store_output = activation.name not in ("none", "identity") or norm == "proxy_norm"
         layer.stored_role, layer.other_role = ("output", "input") if store_output else ("input", "output")
         if norm == "batch_norm":  # per-channel tables, in one launch on CUDA
@@ -753,7 +754,7 @@ class _Session:
                 target = x
             # Group statistics say little about single channels: measure them (one extra read).
             var, grid_mean = torch.var_mean(target, dim=[0, *range(2, target.dim())], correction=0)
-            grid = {"mean": grid_mean.float(), "std": var.float().sqrt()}
+            grid = {"mean": grid_mean.float(), "std": var.float().sqrt(), "anchored": store_output}
         layer.norm_floats = floats  # the other role's map and what its backward needs (_Layer.norm_backward)
         if self.bits is None:
             layer.stored = target.detach().clone()

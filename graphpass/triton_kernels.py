@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from triton.runtime import driver
 
-from graphpass.quantize import _FLOAT32_MAX, FLAG_BLOCK, TINY_GAMMA, TINY_STEP, _level_reciprocals
+from graphpass.quantize import _EXACT_INTEGERS, _FLOAT32_MAX, FLAG_BLOCK, TINY_GAMMA, TINY_STEP, _level_reciprocals
 from graphpass.triton_launch import direct_launch
 
 __all__ = [
@@ -41,6 +41,7 @@ _GROUP_TILE = 2048  # elements per program in the group kernels (whole groups)
 _MASK_TILE = 8192  # elements per program in the mask kernels
 _NUM_WARPS = 4
 FLOAT32_MAX = tl.constexpr(_FLOAT32_MAX)
+EXACT_INTEGERS = tl.constexpr(_EXACT_INTEGERS)
 
 
 # Host-side integer helpers: triton.cdiv and triton.next_power_of_2 are constexpr functions whose
@@ -73,16 +74,22 @@ def _decode_specials(value, code, top):
 
 
 @triton.jit
-def _anchored_grid(mean, std, N: tl.constexpr, TINY: tl.constexpr):
+def _anchored_grid(mean, std, N: tl.constexpr, TINY: tl.constexpr, ANCHORED: tl.constexpr):
     # graphpass.quantize.anchored_grid, per element.
     step = std * (6.0 / N)
+    if ANCHORED:
+        wide = (tl.abs(mean) + 3.0 * std) * (1.0 / (N - 1))
+        step = tl.where(wide > step, wide, step)
     alt = tl.abs(mean) * (2.0 / N)
     alt = tl.where((alt > TINY) & (alt < float("inf")), alt, TINY)
     step = tl.where((step > TINY) & (step < float("inf")), step, alt)
     inv = tl.math.div_rn(tl.full(step.shape, 1.0, tl.float32), step)
     q = tl.floor(mean * inv)
     q = tl.where(q == q, q, 0.0)
-    shift = tl.minimum(tl.maximum((N // 2) - q, 1.0), N - 1.0)
+    if ANCHORED:
+        shift = tl.minimum(tl.maximum((N // 2) - q, 1.0), N - 1.0)
+    else:
+        shift = tl.minimum(tl.maximum((N // 2) - q, -EXACT_INTEGERS), EXACT_INTEGERS)
     return step, inv, shift
 
 
@@ -210,12 +217,14 @@ def group_unpack(codes, scales, flags, bits: int, group_size: int, numel: int, d
 
 @direct_launch
 @triton.jit
-def _anchored_table_kernel(mean_ptr, std_ptr, table_ptr, channels, N: tl.constexpr, TINY: tl.constexpr, BLOCK: tl.constexpr):
+def _anchored_table_kernel(
+    mean_ptr, std_ptr, table_ptr, channels, N: tl.constexpr, TINY: tl.constexpr, ANCHORED: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
     # Per-channel rows [step, 1/step, shift]: computed once so the element kernels only gather.
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = c < channels
     step, inv, shift = _anchored_grid(
-        tl.load(mean_ptr + c, mask=inside, other=0.0), tl.load(std_ptr + c, mask=inside, other=1.0), N, TINY
+        tl.load(mean_ptr + c, mask=inside, other=0.0), tl.load(std_ptr + c, mask=inside, other=1.0), N, TINY, ANCHORED
     )
     tl.store(table_ptr + c * 3, step, mask=inside)
     tl.store(table_ptr + c * 3 + 1, inv, mask=inside)
@@ -648,13 +657,13 @@ def group_norm_tables(sums, floats, weight, bias, mu, inv, groups: int, count: i
     return tables, rows
 
 
-def anchored_table(mean, std, bits: int) -> torch.Tensor:
+def anchored_table(mean, std, bits: int, anchored: bool) -> torch.Tensor:
     """graphpass.quantize.anchored_grid as a (C, 3) table, in one launch."""
     channels = mean.numel()
     table = torch.empty(channels, 3, dtype=torch.float32, device=mean.device)
     block = min(1024, _next_power_of_2(channels))
     _anchored_table_kernel[(_cdiv(channels, block),)](
-        mean, std, table, channels, N=1 << bits, TINY=TINY_STEP, BLOCK=block
+        mean, std, table, channels, N=1 << bits, TINY=TINY_STEP, ANCHORED=anchored, BLOCK=block
     )
     return table
 
@@ -745,7 +754,8 @@ def _layer_tables_kernel(
     tl.store(floats_ptr + 4 * count + i, center, mask=inside)
     tl.store(floats_ptr + 5 * count + i, h_shift, mask=inside)
     if HAS_GRID:
-        step, inv, code_shift = _anchored_grid(grid_mean, grid_std, N, TINY)
+        # Without an activation the stored tensor is the norm's input, whose sign nothing reads.
+        step, inv, code_shift = _anchored_grid(grid_mean, grid_std, N, TINY, STORE_OUTPUT)
         tl.store(grid_ptr + i * 3, step, mask=inside)
         tl.store(grid_ptr + i * 3 + 1, inv, mask=inside)
         tl.store(grid_ptr + i * 3 + 2, code_shift, mask=inside)

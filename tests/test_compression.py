@@ -141,6 +141,43 @@ def test_forward_exact_and_gradients_close(bits, min_cosine):
     assert F.cosine_similarity(gin_r.flatten(), gin_c.flatten(), dim=0) >= min_cosine
 
 
+class FarFromZero(nn.Module):
+    """Channels whose values sit far from zero next to their spread, as in trained networks: a
+    BatchNorm-ReLU layer with beta / gamma = +-6, and a norm input (a convolution of a positive
+    input) whose |mean| is about 15 std. BLPA's grid clips both. ``norm``: "bn" or "gn"."""
+
+    def __init__(self, norm: str) -> None:
+        super().__init__()
+        make_norm = {"bn": lambda: nn.BatchNorm2d(8), "gn": lambda: nn.GroupNorm(4, 8)}[norm]
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = make_norm()
+        self.conv2 = nn.Conv2d(8, 8, 1, bias=False)
+        self.bn2 = make_norm()
+        with torch.no_grad():
+            self.bn1.weight.fill_(0.1)
+            self.bn1.bias.copy_(0.6 * torch.tensor([1.0, -1.0] * 4))
+            self.conv2.weight.mul_(0.1).add_(1.0)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + h)
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+@pytest.mark.parametrize("bits,min_cosine", [(8, 0.999), (4, 0.99)])
+def test_channels_far_from_zero_keep_their_gradients(norm, bits, min_cosine):
+    torch.manual_seed(0)
+    model = FarFromZero(norm).train()
+    x = torch.randn(4, 3, 8, 8)
+    weights = torch.randn(4, 8, 8, 8)
+    loss = lambda out: (out * weights).sum()  # noqa: E731
+    gm = transformed(model, x, bits=bits)
+    _, gin_r, g_r = step(model, x, loss)
+    _, gin_c, g_c = step(gm, x, loss)
+    assert cosine(g_r, g_c) >= min_cosine
+    assert F.cosine_similarity(gin_r.flatten(), gin_c.flatten(), dim=0) >= min_cosine
+
+
 def test_stochastic_rounding_runs_and_stays_close():
     model = SmallResNet().train()
     x = torch.randn(4, 3, 16, 16)

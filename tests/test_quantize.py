@@ -134,6 +134,51 @@ def test_anchored_within_half_step_inside_window(bits):
     assert p.nbytes == -(-v.numel() * bits // 8) + 6 * 12 + -(-v.numel() // FLAG_BLOCK)
 
 
+def _far_window_tensor():
+    """Values spread over mean +- 3 std (std 1), for means from -40 to 40 std: per channel."""
+    ratio = torch.tensor([-40.0, -10.0, -5.0, -3.0, -1.0, 0.0, 2.0, 3.5, 6.0, 40.0])
+    u = torch.linspace(-3.0, 3.0, 121)[1:]  # the window, its top edge included
+    return u.view(-1, 1) + ratio, ratio, torch.ones_like(ratio)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_anchored_window_is_not_clipped_far_from_zero(bits):
+    """|mean| > 3 std: BLPA's grid would clip the window's far side; this one widens its step just
+    enough for the bins on the mean's side of zero to reach it, and keeps the sign exact."""
+    v, mean, std = _far_window_tensor()
+    p = pack_anchored(v, bits, mean=mean, std=std, channel_dim=1)
+    n = 1 << bits
+    step = p.grid[:, 0]
+    widest = torch.maximum(6 * std / n, (mean.abs() + 3 * std) / (n - 1))
+    assert (step <= widest * (1 + 1e-6)).all()
+    assert torch.equal(step[mean.abs() <= 1], 6 * std[mean.abs() <= 1] / n)  # near zero: BLPA's step
+    # Where the mean is 3 std or more from zero the whole window fits; elsewhere the grid is
+    # anchored at 0, not at the mean, so an edge of the window may miss up to one step.
+    inside = ((v - mean).abs() <= 3 - step) | (mean.abs() >= 3)
+    err = (unpack(p) - v).abs()
+    bound = step * 0.5 * (1 + 1e-5) + 1e-6 * v.abs()  # float rounding of v / step, v far from zero
+    assert (err[inside] <= bound[inside]).all()
+    assert torch.equal(unpack(p) > 0, v > 0)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_centred_grid_keeps_its_step_far_from_zero(bits):
+    """anchored=False: the window mean +- 3 std in steps of 6 std / 2**bits wherever the mean is."""
+    v, mean, std = _far_window_tensor()
+    p = pack_anchored(v, bits, mean=mean, std=std, channel_dim=1, anchored=False)
+    n = 1 << bits
+    assert torch.equal(p.grid, torch.stack(anchored_grid(mean, std, bits, anchored=False), 1))
+    assert torch.allclose(p.grid[:, 0], 6 * std / n)
+    inside = v < mean + 3 - 6 / n  # the grid is centred to within a step: its top bin may fall short
+    err = (unpack(p) - v).abs()
+    assert (err[inside] <= ((3 / n) * (1 + 1e-5) + 1e-6 * v.abs())[inside]).all()
+
+
+def test_centred_grid_of_an_infinite_mean_stays_finite():
+    step, inv, shift = anchored_grid(torch.tensor([math.inf, -math.inf, 1e30]), torch.ones(3), 4, anchored=False)
+    assert torch.isfinite(shift).all() and (shift.abs() <= 2**24).all()
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_anchored_stochastic_rounding_is_unbiased(bits):
     n = 1 << bits
@@ -456,17 +501,20 @@ def _interpreter_problem():
 
 
 def _layer_case(case, channels=6, device="cpu"):
-    """(mean, rstd, gamma, beta) of a BatchNorm layer; "tiny" has a gamma that cannot be inverted."""
+    """(mean, rstd, gamma, beta) of a BatchNorm layer; "tiny" has a gamma that cannot be inverted;
+    "far": means and beta / gamma up to 20 std from zero, so both grids leave BLPA's."""
     g = torch.Generator().manual_seed(0)
     mean, rstd = torch.randn(channels, generator=g), torch.rand(channels, generator=g) + 0.5
     gamma, beta = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
     if case == "tiny":
         gamma[1] = 1e-13
+    if case == "far":
+        mean, beta = mean * 10, beta * gamma.abs() * 10
     to = lambda t: t.to(device) if t is not None else None  # noqa: E731
     return to(mean), to(rstd), to(gamma if case != "no_affine" else None), to(beta if case != "no_affine" else None)
 
 
-LAYER_CASES = ["affine", "no_affine", "tiny"]
+LAYER_CASES = ["affine", "no_affine", "tiny", "far"]
 
 
 @pytest.mark.parametrize("case", LAYER_CASES)
@@ -491,7 +539,7 @@ def test_layer_tables_map_between_the_roles(case, store_output):
     torch.testing.assert_close(grad_scale, (gamma * rstd).double())
     torch.testing.assert_close(x * grad_scale + h_shift, h, rtol=1e-5, atol=1e-5)
     stats = (beta, gamma.abs()) if store_output else (mean, 1.0 / rstd)
-    assert torch.equal(grid, torch.stack(anchored_grid(*stats, 4), 1))
+    assert torch.equal(grid, torch.stack(anchored_grid(*stats, 4, anchored=store_output), 1))
     assert layer_tables(mean, rstd, gamma, beta, bits=None, store_output=store_output)[0] is None
 
 
@@ -694,6 +742,8 @@ def test_layer_tables_bad_arguments_are_clear_errors():
         pack_anchored(v, 4, mean=mean, std=rstd, grid=p.grid)
     with pytest.raises(InputError, match=r"float32 \(3, 3\) table"):
         pack_anchored(v, 4, grid=p.grid[:2])
+    with pytest.raises(InputError, match="anchored=False"):
+        pack_anchored(v, 4, grid=p.grid, anchored=False)
 
 
 _PROBLEM = _interpreter_problem()
@@ -774,14 +824,16 @@ def test_triton_group_kernels_match_pytorch(bits, group_size, specials):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("specials", [True, False])
-def test_triton_anchored_kernels_match_pytorch(bits, channels_last, specials):
+@pytest.mark.parametrize("anchored", [True, False])
+def test_triton_anchored_kernels_match_pytorch(bits, channels_last, specials, anchored):
     v = _signed_test_tensor()
     mean, std = _channel_stats(v)
     v = _with_specials(v) if specials else v
     v = v.to(memory_format=torch.channels_last) if channels_last else v
     v = torch.cat([v, v[:, :, :1]], 2)  # numel not a multiple of FLAG_BLOCK or of 8
-    ref = pack_anchored(v, bits, mean=mean, std=std, backend="torch")
-    tri = pack_anchored(v, bits, mean=mean, std=std, backend="triton")
+    ref = pack_anchored(v, bits, mean=mean, std=std, anchored=anchored, backend="torch")
+    tri = pack_anchored(v, bits, mean=mean, std=std, anchored=anchored, backend="triton")
+    assert torch.equal(tri.grid, ref.grid)
     assert torch.equal(tri.codes, ref.codes) and torch.equal(tri.flags, ref.flags)
     _assert_same_values(unpack(ref, backend="triton"), unpack(ref, backend="torch"))
 
