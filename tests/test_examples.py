@@ -43,6 +43,20 @@ def test_train_digits_compares_methods_on_real_digits(tmp_path):
     assert "vs exact" in proc.stdout and "gn+pn" in proc.stdout
 
 
+def test_gradient_fidelity_reports_cosines_and_where_the_error_is(tmp_path):
+    out = tmp_path / "fidelity.json"
+    proc = run_example(
+        str(EXAMPLES / "gradient_fidelity.py"), "--model", "tests/models.py:SmallResNet", "--batch", "4",
+        "--image", "16", "--bits", "8,2", "--top", "3", "--json", str(out),
+    )  # fmt: skip
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["8", "2"]
+    assert 1.0 >= results["8"]["cosine"] >= 0.999 > results["2"]["cosine"] > 0.5
+    for r in results.values():
+        assert len(r["largest error shares"]) == 3 and 0.0 < sum(r["largest error shares"].values()) <= 1.0 + 1e-9
+    assert "8-bit: cosine" in proc.stdout and "largest shares" in proc.stdout
+
+
 def test_train_imagefolder_on_a_generated_folder_of_pngs(tmp_path):
     from PIL import Image
 
