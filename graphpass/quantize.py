@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple, TypeVar
@@ -230,6 +230,12 @@ class Activation:
         return grad
 
     @property
+    def jumps(self) -> tuple[float, ...]:
+        """Where the derivative jumps, besides 0 (which the anchored grid keeps exact): a value
+        rebuilt on the wrong side of one would get the wrong derivative (:func:`anchored_grid`)."""
+        return {"relu6": (6.0,), "hardswish": (-3.0, 3.0)}.get(self.name, ())
+
+    @property
     def homogeneous(self) -> bool:
         """Positively homogeneous: ``act(v) == v * act'(v)``, so a backward needs no separate
         reduction of ``grad * act(v)``."""
@@ -279,6 +285,7 @@ def pack_anchored(
     std: torch.Tensor | None = None,
     grid: torch.Tensor | None = None,
     anchored: bool = True,
+    jumps: Sequence[float] = (),
     channel_dim: int = 1,
     stochastic: bool = False,
     backend: str | None = None,
@@ -291,8 +298,10 @@ def pack_anchored(
     channel's shift are exactly ``v > 0``, and rebuilt values are > 0 exactly where ``v > 0``.
     Inside the window the error is at most ``step_c / 2``. ``stochastic=True`` rounds between bin
     midpoints without bias, except within half a step of zero (the sign wins) and outside the
-    window (clipped). ``anchored=False`` centres the grid on the mean instead (a finer step where
-    ``|mean| > 3 std``); then the sign is not kept.
+    window (clipped). ``jumps``: where the derivative of the activation applied to ``v`` jumps
+    (:attr:`Activation.jumps`); each near the window becomes a bin boundary. ``anchored=False``
+    centres the grid on the mean instead (a finer step where ``|mean| > 3 std``); then the sign is
+    not kept.
     Instead of ``mean``/``std``, ``grid`` may give that grid itself (as :func:`layer_tables` makes it).
     """
     _check_bits(bits)
@@ -309,8 +318,8 @@ def pack_anchored(
     if grid is not None:
         if mean is not None or std is not None:
             raise InputError("pack_anchored: give either mean and std or grid, not both")
-        if not anchored:
-            raise InputError("pack_anchored: anchored=False applies to the grid made from mean and std, not to a given grid")
+        if not anchored or jumps:
+            raise InputError("pack_anchored: anchored and jumps apply to the grid made from mean and std, not to a given grid")
         if grid.shape != (channels, 3) or grid.dtype != torch.float32 or not grid.is_contiguous() or grid.device != v.device:
             raise InputError(
                 f"pack_anchored: grid must be a contiguous float32 ({channels}, 3) table on {v.device} "
@@ -324,9 +333,9 @@ def pack_anchored(
                 raise InputError(f"pack_anchored: {name} must be a tensor of {channels} elements (channel_dim={channel_dim}), got {got}")
             stats.append(_flat_float32(t, v.device))
         if use_kernels:
-            grid = kernels.anchored_table(*stats, bits, anchored)
+            grid = kernels.anchored_table(*stats, bits, anchored, _jump_bounds(jumps))
         else:
-            grid = torch.stack(anchored_grid(*stats, bits, anchored=anchored), 1)
+            grid = torch.stack(anchored_grid(*stats, bits, anchored=anchored, jumps=jumps), 1)
     if use_kernels:
         codes, flags = kernels.anchored_pack(flat, bits, grid, channels, inner, stochastic)
     else:
@@ -564,6 +573,7 @@ def layer_tables(
     bits: int | None,
     store_output: bool,
     channels: int | None = None,
+    jumps: Sequence[float] = (),
     backend: str | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """A normalized layer's tables, in one launch on CUDA: ``(grid, floats)``.
@@ -575,7 +585,8 @@ def layer_tables(
     entry per channel (E = C) or per sample and channel (E = N * C, sample-major). ``grid`` is the
     stored tensor's grid for ``bits`` (as :func:`pack_anchored` takes it), per channel only: None when
     ``bits`` is None. It is zero-anchored where the stored tensor is the output (``store_output``),
-    centred on the mean where it is the norm's input (:func:`anchored_grid`).
+    centred on the mean where it is the norm's input (:func:`anchored_grid`). ``jumps``: the
+    activation's (:attr:`Activation.jumps`), for a stored output.
     """
     _check_backend(backend)
     if bits is not None:
@@ -597,7 +608,7 @@ def layer_tables(
     kernels = _kernels_for(mean, backend)
     if kernels is not None and mean.numel() > 0:
         tensors = [None if t is None else _dense(t, mean.device) for t in (mean, rstd, gamma, beta)]
-        return kernels.layer_tables(*tensors, bits, store_output, channels, samples)
+        return kernels.layer_tables(*tensors, bits, store_output, channels, samples, _jump_bounds(jumps))
     device = mean.device
     gamma = torch.ones(channels, device=device) if gamma is None else _flat_float32(gamma, device)
     beta = torch.zeros(channels, device=device) if beta is None else _flat_float32(beta, device)
@@ -607,7 +618,10 @@ def layer_tables(
         mean, rstd = (t.repeat_interleave(per_group) for t in (mean, rstd))
         gamma, beta = gamma.repeat(samples), beta.repeat(samples)
     maps = layer_maps(mean, rstd, gamma, beta, store_output=store_output)
-    grid = None if bits is None else torch.stack(anchored_grid(maps.grid_mean, maps.grid_std, bits, anchored=store_output), 1)
+    if bits is None:
+        grid = None
+    else:
+        grid = torch.stack(anchored_grid(maps.grid_mean, maps.grid_std, bits, anchored=store_output, jumps=jumps), 1)
     return grid, torch.stack([maps.scale, maps.shift, maps.h_scale, maps.a, maps.center, maps.h_shift])
 
 
@@ -1109,7 +1123,7 @@ def _level_reciprocals(bits: int) -> tuple[float, float]:
 
 
 def anchored_grid(
-    mean: torch.Tensor, std: torch.Tensor, bits: int, *, anchored: bool = True
+    mean: torch.Tensor, std: torch.Tensor, bits: int, *, anchored: bool = True, jumps: Sequence[float] = ()
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel (step, 1/step, shift) of the grid, all float32 (what Packed.grid holds).
 
@@ -1117,24 +1131,68 @@ def anchored_grid(
     boundary with a bin on each side (shift clamped to [1, 2**bits - 1]), so the sign is exact.
     Where the window lies beyond zero's reach (``|mean| > ~3 std``), the step grows until the
     ``2**bits - 1`` bins on the mean's side of zero reach the window's far edge: coarser, but not
-    clipped (BLPA's own grid clips that tail, papers.md 1.4). Not ``anchored``: the grid is centred
-    on the mean (for a tensor whose sign nothing reads).
+    clipped (BLPA's own grid clips that tail, papers.md 1.4). ``jumps``: the points (one magnitude,
+    either sign; :attr:`Activation.jumps`) where the stored tensor's activation derivative jumps.
+    A jump within 5 std of the mean becomes a bin boundary inside the window, so every value is
+    rebuilt on its side of the jump (up to float rounding at the jump), where two bins fit between
+    0 and the jump.
+    Not ``anchored``: the grid is centred on the mean (for a tensor whose sign nothing reads).
     A zero or non-finite std (constant channel) falls back to a step that still represents the
     mean. The Triton table kernels compute the same float32 expressions."""
     n = 1 << bits
-    step = std * (6.0 / n)
+    lo, hi = mean - 3.0 * std, mean + 3.0 * std
+    low, high = (1.0, n - 1.0) if anchored else (-_EXACT_INTEGERS, _EXACT_INTEGERS)  # the shift's bounds
     if anchored:
-        wide = (mean.abs() + 3.0 * std) * (1.0 / (n - 1))
-        step = torch.where(wide > step, wide, step)
+        step = _anchored_step(lo, hi, n)
+        jump_low, jump_high = _jump_bounds(jumps)
+        if jump_low or jump_high:
+            # Each jump within 5 std of the mean, and a step beyond it, join the window; the step
+            # becomes the coarsest that divides the jump, and the shift keeps a bin beyond each jump.
+            # Only where at least two bins fit between 0 and the jump: at 2 bits, ReLU-like bins at
+            # +-jump cost more than they keep.
+            near = torch.zeros_like(mean, dtype=torch.bool)
+            wide_lo, wide_hi = lo, hi
+            for jump in (j for j in (jump_low, jump_high) if j):
+                near = near | ((jump - mean).abs() < 5.0 * std)
+                wide_lo = torch.where(jump - step < wide_lo, jump - step, wide_lo)
+                wide_hi = torch.where(jump + step > wide_hi, jump + step, wide_hi)
+            magnitude = torch.full_like(step, max(-jump_low, jump_high))  # `float / tensor` would multiply by a reciprocal
+            bins = torch.floor(magnitude / _anchored_step(wide_lo, wide_hi, n))
+            kept = near & (bins >= 2.0)
+            lo, hi = torch.where(kept, wide_lo, lo), torch.where(kept, wide_hi, hi)
+            step = torch.where(kept, magnitude / bins, step)
+            if jump_low:
+                low = torch.where(kept, bins + 1.0, low)
+            if jump_high:
+                high = torch.where(kept, (n - 1.0) - bins, high)
+    else:
+        step = std * (6.0 / n)
     alt = mean.abs() * (2.0 / n)
     alt = torch.where((alt > TINY_STEP) & (alt < math.inf), alt, TINY_STEP)
     step = torch.where((step > TINY_STEP) & (step < math.inf), step, alt)
     inv = 1.0 / step
-    q = torch.floor(mean * inv)
+    q = torch.floor((lo + hi) * 0.5 * inv)
     q = torch.where(q == q, q, 0.0)
     # Centred: within float32's exact integers, which also keeps an infinite mean's shift finite.
-    low, high = (1, n - 1) if anchored else (-_EXACT_INTEGERS, _EXACT_INTEGERS)
-    return step, inv, torch.clamp((n // 2) - q, low, high)
+    shift = (n // 2) - q
+    shift = torch.where(shift < low, low, shift)
+    return step, inv, torch.where(shift > high, high, shift)
+
+
+def _jump_bounds(jumps: Sequence[float]) -> tuple[float, float]:
+    """``jumps`` as the Triton grid's (JUMP_LOW, JUMP_HIGH) constants, 0.0 where absent."""
+    jumps = tuple(float(j) for j in jumps)
+    if 0.0 in jumps or len(jumps) > 2 or len({abs(j) for j in jumps}) > 1 or sorted(jumps) != list(jumps):
+        raise InputError(f"jumps must be at most two nonzero points of one magnitude, in order; got {jumps}")
+    return (min(min(jumps), 0.0), max(max(jumps), 0.0)) if jumps else (0.0, 0.0)
+
+
+def _anchored_step(lo: torch.Tensor, hi: torch.Tensor, n: int) -> torch.Tensor:
+    """The step of an anchored grid covering [lo, hi]: n bins across it, and the n - 1 bins on one
+    side of zero reaching its far end."""
+    wide = torch.maximum(hi.abs(), lo.abs()) * (1.0 / (n - 1))
+    step = (hi - lo) * (1.0 / n)
+    return torch.where(wide > step, wide, step)
 
 
 # ----------------------------------------------------------------------------- PyTorch path

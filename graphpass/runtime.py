@@ -735,8 +735,9 @@ class _Session:
         # on its mean (no sign to keep).
         store_output = activation.name not in ("none", "identity") or norm == "proxy_norm"
         layer.stored_role, layer.other_role = ("output", "input") if store_output else ("input", "output")
+        jumps = activation.jumps if store_output else ()  # the stored pre-activation's grid keeps them
         if norm == "batch_norm":  # per-channel tables, in one launch on CUDA
-            table, floats = layer_tables(mean, rstd, weight, bias, bits=self.bits, store_output=store_output)
+            table, floats = layer_tables(mean, rstd, weight, bias, bits=self.bits, store_output=store_output, jumps=jumps)
             grid = {"grid": table}
             target = y if store_output else x
         else:  # GroupNorm: statistics per (sample, group), tables per (sample, channel), one launch on CUDA
@@ -754,7 +755,7 @@ class _Session:
                 target = x
             # Group statistics say little about single channels: measure them (one extra read).
             var, grid_mean = torch.var_mean(target, dim=[0, *range(2, target.dim())], correction=0)
-            grid = {"mean": grid_mean.float(), "std": var.float().sqrt(), "anchored": store_output}
+            grid = {"mean": grid_mean.float(), "std": var.float().sqrt(), "anchored": store_output, "jumps": jumps}
         layer.norm_floats = floats  # the other role's map and what its backward needs (_Layer.norm_backward)
         if self.bits is None:
             layer.stored = target.detach().clone()

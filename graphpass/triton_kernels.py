@@ -74,23 +74,64 @@ def _decode_specials(value, code, top):
 
 
 @triton.jit
-def _anchored_grid(mean, std, N: tl.constexpr, TINY: tl.constexpr, ANCHORED: tl.constexpr):
-    # graphpass.quantize.anchored_grid, per element.
-    step = std * (6.0 / N)
+def _anchored_step(lo, hi, N: tl.constexpr):
+    # graphpass.quantize._anchored_step.
+    wide = tl.where(tl.abs(hi) > tl.abs(lo), tl.abs(hi), tl.abs(lo)) * (1.0 / (N - 1))
+    step = (hi - lo) * (1.0 / N)
+    return tl.where(wide > step, wide, step)
+
+
+@triton.jit
+def _jump_widened(near, wide_lo, wide_hi, mean, std, step, JUMP: tl.constexpr):
+    # One jump of graphpass.quantize.anchored_grid's loop.
+    near = near | (tl.abs(JUMP - mean) < 5.0 * std)
+    wide_lo = tl.where(JUMP - step < wide_lo, JUMP - step, wide_lo)
+    wide_hi = tl.where(JUMP + step > wide_hi, JUMP + step, wide_hi)
+    return near, wide_lo, wide_hi
+
+
+@triton.jit
+def _anchored_grid(
+    mean, std, N: tl.constexpr, TINY: tl.constexpr, ANCHORED: tl.constexpr, JUMP_LOW: tl.constexpr, JUMP_HIGH: tl.constexpr
+):  # fmt: skip
+    # graphpass.quantize.anchored_grid, per element; JUMP_LOW / JUMP_HIGH 0.0 where absent. Launched
+    # without FMA contraction, so it rounds as PyTorch's eager ops do.
+    lo = mean - 3.0 * std
+    hi = mean + 3.0 * std
     if ANCHORED:
-        wide = (tl.abs(mean) + 3.0 * std) * (1.0 / (N - 1))
-        step = tl.where(wide > step, wide, step)
+        low = tl.full(mean.shape, 1.0, tl.float32)
+        high = tl.full(mean.shape, N - 1.0, tl.float32)
+        step = _anchored_step(lo, hi, N)
+        if JUMP_LOW != 0.0 or JUMP_HIGH != 0.0:
+            near = mean != mean
+            wide_lo, wide_hi = lo, hi
+            if JUMP_LOW != 0.0:
+                near, wide_lo, wide_hi = _jump_widened(near, wide_lo, wide_hi, mean, std, step, JUMP_LOW)
+            if JUMP_HIGH != 0.0:
+                near, wide_lo, wide_hi = _jump_widened(near, wide_lo, wide_hi, mean, std, step, JUMP_HIGH)
+            magnitude = tl.full(mean.shape, JUMP_HIGH if JUMP_HIGH != 0.0 else -JUMP_LOW, tl.float32)
+            bins = tl.floor(tl.math.div_rn(magnitude, _anchored_step(wide_lo, wide_hi, N)))
+            kept = near & (bins >= 2.0)
+            lo = tl.where(kept, wide_lo, lo)
+            hi = tl.where(kept, wide_hi, hi)
+            step = tl.where(kept, tl.math.div_rn(magnitude, bins), step)
+            if JUMP_LOW != 0.0:
+                low = tl.where(kept, bins + 1.0, low)
+            if JUMP_HIGH != 0.0:
+                high = tl.where(kept, (N - 1.0) - bins, high)
+    else:
+        low = tl.full(mean.shape, -EXACT_INTEGERS, tl.float32)
+        high = tl.full(mean.shape, EXACT_INTEGERS, tl.float32)
+        step = std * (6.0 / N)
     alt = tl.abs(mean) * (2.0 / N)
     alt = tl.where((alt > TINY) & (alt < float("inf")), alt, TINY)
     step = tl.where((step > TINY) & (step < float("inf")), step, alt)
     inv = tl.math.div_rn(tl.full(step.shape, 1.0, tl.float32), step)
-    q = tl.floor(mean * inv)
+    q = tl.floor((lo + hi) * 0.5 * inv)
     q = tl.where(q == q, q, 0.0)
-    if ANCHORED:
-        shift = tl.minimum(tl.maximum((N // 2) - q, 1.0), N - 1.0)
-    else:
-        shift = tl.minimum(tl.maximum((N // 2) - q, -EXACT_INTEGERS), EXACT_INTEGERS)
-    return step, inv, shift
+    shift = (N // 2) - q
+    shift = tl.where(shift < low, low, shift)
+    return step, inv, tl.where(shift > high, high, shift)
 
 
 # ----------------------------------------------------------------------------- group layout
@@ -218,13 +259,15 @@ def group_unpack(codes, scales, flags, bits: int, group_size: int, numel: int, d
 @direct_launch
 @triton.jit
 def _anchored_table_kernel(
-    mean_ptr, std_ptr, table_ptr, channels, N: tl.constexpr, TINY: tl.constexpr, ANCHORED: tl.constexpr, BLOCK: tl.constexpr
+    mean_ptr, std_ptr, table_ptr, channels, N: tl.constexpr, TINY: tl.constexpr, ANCHORED: tl.constexpr,
+    JUMP_LOW: tl.constexpr, JUMP_HIGH: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # Per-channel rows [step, 1/step, shift]: computed once so the element kernels only gather.
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = c < channels
     step, inv, shift = _anchored_grid(
-        tl.load(mean_ptr + c, mask=inside, other=0.0), tl.load(std_ptr + c, mask=inside, other=1.0), N, TINY, ANCHORED
+        tl.load(mean_ptr + c, mask=inside, other=0.0), tl.load(std_ptr + c, mask=inside, other=1.0), N, TINY, ANCHORED,
+        JUMP_LOW, JUMP_HIGH,
     )
     tl.store(table_ptr + c * 3, step, mask=inside)
     tl.store(table_ptr + c * 3 + 1, inv, mask=inside)
@@ -657,14 +700,15 @@ def group_norm_tables(sums, floats, weight, bias, mu, inv, groups: int, count: i
     return tables, rows
 
 
-def anchored_table(mean, std, bits: int, anchored: bool) -> torch.Tensor:
-    """graphpass.quantize.anchored_grid as a (C, 3) table, in one launch."""
+def anchored_table(mean, std, bits: int, anchored: bool, jumps: tuple[float, float]) -> torch.Tensor:
+    """graphpass.quantize.anchored_grid as a (C, 3) table, in one launch; ``jumps``: (low, high)."""
     channels = mean.numel()
     table = torch.empty(channels, 3, dtype=torch.float32, device=mean.device)
     block = min(1024, _next_power_of_2(channels))
     _anchored_table_kernel[(_cdiv(channels, block),)](
-        mean, std, table, channels, N=1 << bits, TINY=TINY_STEP, ANCHORED=anchored, BLOCK=block
-    )
+        mean, std, table, channels, N=1 << bits, TINY=TINY_STEP, ANCHORED=anchored, JUMP_LOW=jumps[0],
+        JUMP_HIGH=jumps[1], BLOCK=block, enable_fp_fusion=False,
+    )  # fmt: skip
     return table
 
 
@@ -719,7 +763,8 @@ _TABLE_BLOCK = 1024
 def _layer_tables_kernel(
     mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, grid_ptr, floats_ptr, channels, count, group_size, groups,
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, STORE_OUTPUT: tl.constexpr, HAS_GRID: tl.constexpr,
-    PER_SAMPLE: tl.constexpr, N: tl.constexpr, TINY: tl.constexpr, TINY_GAMMA: tl.constexpr, BLOCK: tl.constexpr,
+    PER_SAMPLE: tl.constexpr, N: tl.constexpr, TINY: tl.constexpr, TINY_GAMMA: tl.constexpr, JUMP_LOW: tl.constexpr,
+    JUMP_HIGH: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # graphpass.quantize.layer_maps and anchored_grid, per entry, in the same float32 operations
     # (launched without FMA contraction, so they round as PyTorch's eager ops do). An entry is a
@@ -755,15 +800,17 @@ def _layer_tables_kernel(
     tl.store(floats_ptr + 5 * count + i, h_shift, mask=inside)
     if HAS_GRID:
         # Without an activation the stored tensor is the norm's input, whose sign nothing reads.
-        step, inv, code_shift = _anchored_grid(grid_mean, grid_std, N, TINY, STORE_OUTPUT)
+        step, inv, code_shift = _anchored_grid(grid_mean, grid_std, N, TINY, STORE_OUTPUT, JUMP_LOW, JUMP_HIGH)
         tl.store(grid_ptr + i * 3, step, mask=inside)
         tl.store(grid_ptr + i * 3 + 1, inv, mask=inside)
         tl.store(grid_ptr + i * 3 + 2, code_shift, mask=inside)
 
 
-def layer_tables(mean, rstd, gamma, beta, bits: int | None, store_output: bool, channels: int, samples: int):
+def layer_tables(
+    mean, rstd, gamma, beta, bits: int | None, store_output: bool, channels: int, samples: int, jumps: tuple[float, float]
+):  # fmt: skip
     """graphpass.quantize.layer_tables: (grid or None, (6, samples * channels) floats) in one launch;
-    ``mean``/``rstd`` hold one entry per channel, or per sample and group."""
+    ``mean``/``rstd`` hold one entry per channel, or per sample and group; ``jumps``: (low, high)."""
     count = samples * channels
     groups = mean.numel() // samples
     floats = torch.empty(6, count, dtype=torch.float32, device=mean.device)
@@ -772,8 +819,8 @@ def layer_tables(mean, rstd, gamma, beta, bits: int | None, store_output: bool, 
         mean, rstd, gamma if gamma is not None else mean, beta if beta is not None else mean,
         grid if grid is not None else floats, floats, channels, count, channels // groups, groups,
         HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, STORE_OUTPUT=store_output, HAS_GRID=grid is not None,
-        PER_SAMPLE=groups != count, N=1 << (bits or 8), TINY=TINY_STEP, TINY_GAMMA=TINY_GAMMA, BLOCK=_TABLE_BLOCK,
-        enable_fp_fusion=False,
+        PER_SAMPLE=groups != count, N=1 << (bits or 8), TINY=TINY_STEP, TINY_GAMMA=TINY_GAMMA, JUMP_LOW=jumps[0],
+        JUMP_HIGH=jumps[1], BLOCK=_TABLE_BLOCK, enable_fp_fusion=False,
     )  # fmt: skip
     return grid, floats
 

@@ -178,6 +178,32 @@ def test_channels_far_from_zero_keep_their_gradients(norm, bits, min_cosine):
     assert F.cosine_similarity(gin_r.flatten(), gin_c.flatten(), dim=0) >= min_cosine
 
 
+@pytest.mark.parametrize(
+    "norm,act,gamma,beta",
+    [
+        (nn.BatchNorm2d, nn.Hardswish, 1.0, 0.0),
+        (nn.BatchNorm2d, nn.ReLU6, 2.0, 0.0),
+        (lambda c: nn.GroupNorm(8, c), nn.Hardswish, 1.0, 0.0),
+    ],
+)
+def test_activation_jumps_keep_their_side(norm, act, gamma, beta):
+    """Hardswish's derivative jumps at +-3, where BLPA's window ends when gamma = 1 (its
+    initialization); ReLU6's at 6, where it ends when gamma = 2. Rebuilt across a jump, a value
+    takes the wrong derivative."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 1, bias=False), norm(64), act()).train()
+    with torch.no_grad():
+        model[1].weight.fill_(gamma)
+        model[1].bias.fill_(beta)
+    x, weights = torch.randn(8, 64, 8, 8), torch.randn(8, 64, 8, 8)
+    loss = lambda out: (out * weights).sum()  # noqa: E731
+    _, gin_r, g_r = step(model, x, loss)
+    _, gin_c, g_c = step(transformed(model, x, bits=8), x, loss)
+    exact = torch.cat([gin_r.flatten(), *(g.flatten() for g in g_r.values())])
+    got = torch.cat([gin_c.flatten(), *(g_c[n].flatten() for n in g_r)])
+    assert (got - exact).norm() / exact.norm() < 0.01
+
+
 def test_stochastic_rounding_runs_and_stays_close():
     model = SmallResNet().train()
     x = torch.randn(4, 3, 16, 16)

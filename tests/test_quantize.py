@@ -174,6 +174,44 @@ def test_centred_grid_keeps_its_step_far_from_zero(bits):
     assert (err[inside] <= ((3 / n) * (1 + 1e-5) + 1e-6 * v.abs())[inside]).all()
 
 
+JUMP_CASES = [("relu6", (6.0,)), ("hardswish", (-3.0, 3.0))]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("activation,jumps", JUMP_CASES)
+def test_anchored_grid_keeps_each_value_on_its_side_of_a_jump(bits, activation, jumps):
+    """The derivative of relu6 / hardswish jumps at 6 / +-3: a value rebuilt across a jump would get
+    the wrong one. Channels whose window ends at, before or across a jump, some far from it."""
+    assert Activation(activation).jumps == jumps
+    g = torch.Generator().manual_seed(0)
+    mean = torch.tensor([0.0, 0.0, 0.0, 2.0, 4.5, 6.0, -2.0, 1.0, 30.0])
+    std = torch.tensor([1.0, 0.8, 1.3, 1.5, 0.5, 2.0, 0.7, 4.0, 1.0])
+    v = mean + std * torch.randn(4000, 9, generator=g) * 1.5  # tails past the +-3 std window
+    p = pack_anchored(v, bits, mean=mean, std=std, jumps=jumps, channel_dim=1)
+    assert torch.equal(p.grid, torch.stack(anchored_grid(mean, std, bits, jumps=jumps), 1))
+    y = unpack(p)
+    near = torch.stack([(j - mean).abs() < 5 * std for j in jumps]).any(0)
+    for j in jumps:
+        assert torch.equal((y > j)[:, near], (v > j)[:, near]), j
+    assert torch.equal(y > 0, v > 0)
+    act = Activation(activation)
+    grad = torch.ones_like(v)
+    # Between the jumps the derivative's slope is 0 (relu6) or 1/3 (hardswish): half a step apart.
+    slope = 1.0 / 3.0 if activation == "hardswish" else 0.0
+    err = (act.backward(grad, y) - act.backward(grad, v)).abs()
+    assert (err[:, near] <= (slope * 0.5 * p.grid[:, 0] * (1 + 1e-5))[near] + 1e-6).all()
+    # Without the jumps, BLPA's window edge at 3 std crosses hardswish's jump where std = 1.
+    plain = unpack(pack_anchored(v, bits, mean=mean, std=std, channel_dim=1))
+    if activation == "hardswish":
+        assert not torch.equal(plain > 3.0, v > 3.0)
+
+
+def test_jumps_must_be_one_magnitude_in_order():
+    for bad in [(3.0, -3.0), (0.0,), (-2.0, 3.0), (1.0, 2.0, 3.0)]:
+        with pytest.raises(InputError, match="jumps"):
+            anchored_grid(torch.zeros(1), torch.ones(1), 4, jumps=bad)
+
+
 def test_centred_grid_of_an_infinite_mean_stays_finite():
     step, inv, shift = anchored_grid(torch.tensor([math.inf, -math.inf, 1e30]), torch.ones(3), 4, anchored=False)
     assert torch.isfinite(shift).all() and (shift.abs() <= 2**24).all()
@@ -742,7 +780,7 @@ def test_layer_tables_bad_arguments_are_clear_errors():
         pack_anchored(v, 4, mean=mean, std=rstd, grid=p.grid)
     with pytest.raises(InputError, match=r"float32 \(3, 3\) table"):
         pack_anchored(v, 4, grid=p.grid[:2])
-    with pytest.raises(InputError, match="anchored=False"):
+    with pytest.raises(InputError, match="anchored and jumps"):
         pack_anchored(v, 4, grid=p.grid, anchored=False)
 
 
@@ -824,15 +862,16 @@ def test_triton_group_kernels_match_pytorch(bits, group_size, specials):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("specials", [True, False])
-@pytest.mark.parametrize("anchored", [True, False])
-def test_triton_anchored_kernels_match_pytorch(bits, channels_last, specials, anchored):
+@pytest.mark.parametrize("anchored,jumps", [(True, ()), (False, ()), (True, (-3.0, 3.0)), (True, (6.0,))])
+def test_triton_anchored_kernels_match_pytorch(bits, channels_last, specials, anchored, jumps):
     v = _signed_test_tensor()
     mean, std = _channel_stats(v)
     v = _with_specials(v) if specials else v
     v = v.to(memory_format=torch.channels_last) if channels_last else v
     v = torch.cat([v, v[:, :, :1]], 2)  # numel not a multiple of FLAG_BLOCK or of 8
-    ref = pack_anchored(v, bits, mean=mean, std=std, anchored=anchored, backend="torch")
-    tri = pack_anchored(v, bits, mean=mean, std=std, anchored=anchored, backend="triton")
+    mean, std = (mean, std) if not jumps else (mean * 2, std * 1.5)  # jumps near the windows
+    ref = pack_anchored(v, bits, mean=mean, std=std, anchored=anchored, jumps=jumps, backend="torch")
+    tri = pack_anchored(v, bits, mean=mean, std=std, anchored=anchored, jumps=jumps, backend="triton")
     assert torch.equal(tri.grid, ref.grid)
     assert torch.equal(tri.codes, ref.codes) and torch.equal(tri.flags, ref.flags)
     _assert_same_values(unpack(ref, backend="triton"), unpack(ref, backend="torch"))
@@ -915,10 +954,11 @@ def test_triton_group_norm_backward_matches_pytorch(activation, layout):
 @pytest.mark.parametrize("case", LAYER_CASES)
 @pytest.mark.parametrize("store_output", [True, False])
 @pytest.mark.parametrize("bits", [2, 8, None])
-def test_triton_layer_tables_match_pytorch(case, store_output, bits):
+@pytest.mark.parametrize("jumps", [(), (-3.0, 3.0)])
+def test_triton_layer_tables_match_pytorch(case, store_output, bits, jumps):
     args = _layer_case(case, channels=1500)  # two programs
-    ref = layer_tables(*args, bits=bits, store_output=store_output, backend="torch")
-    tri = layer_tables(*args, bits=bits, store_output=store_output, backend="triton")
+    ref = layer_tables(*args, bits=bits, store_output=store_output, jumps=jumps, backend="torch")
+    tri = layer_tables(*args, bits=bits, store_output=store_output, jumps=jumps, backend="triton")
     assert torch.equal(tri[1], ref[1])
     assert (tri[0] is None and ref[0] is None) or torch.equal(tri[0], ref[0])
 
