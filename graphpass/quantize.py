@@ -1141,7 +1141,8 @@ def anchored_grid(
     mean. The Triton table kernels compute the same float32 expressions."""
     n = 1 << bits
     lo, hi = mean - 3.0 * std, mean + 3.0 * std
-    low, high = (1.0, n - 1.0) if anchored else (-_EXACT_INTEGERS, _EXACT_INTEGERS)  # the shift's bounds
+    # The shift's bounds. Centred: float32's exact integers, which also keep an infinite mean's shift finite.
+    low, high = (1.0, n - 1.0) if anchored else (-_EXACT_INTEGERS, _EXACT_INTEGERS)
     if anchored:
         step = _anchored_step(lo, hi, n)
         jump_low, jump_high = _jump_bounds(jumps)
@@ -1173,7 +1174,6 @@ def anchored_grid(
     inv = 1.0 / step
     q = torch.floor((lo + hi) * 0.5 * inv)
     q = torch.where(q == q, q, 0.0)
-    # Centred: within float32's exact integers, which also keeps an infinite mean's shift finite.
     shift = (n // 2) - q
     shift = torch.where(shift < low, low, shift)
     return step, inv, torch.where(shift > high, high, shift)
@@ -1190,7 +1190,7 @@ def _jump_bounds(jumps: Sequence[float]) -> tuple[float, float]:
 def _anchored_step(lo: torch.Tensor, hi: torch.Tensor, n: int) -> torch.Tensor:
     """The step of an anchored grid covering [lo, hi]: n bins across it, and the n - 1 bins on one
     side of zero reaching its far end."""
-    wide = torch.maximum(hi.abs(), lo.abs()) * (1.0 / (n - 1))
+    wide = torch.where(hi.abs() > lo.abs(), hi.abs(), lo.abs()) * (1.0 / (n - 1))
     step = (hi - lo) * (1.0 / n)
     return torch.where(wide > step, wide, step)
 
