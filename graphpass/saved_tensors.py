@@ -33,7 +33,7 @@ from graphpass.errors import GraphpassError, InputError
 from graphpass.ir import flatten_tensors
 from graphpass.meta import META_MODULE, META_SAVED, set_meta
 from graphpass.save_recorder import recording
-from graphpass.tracing import check_input_count, fake_inputs
+from graphpass.tracing import buffers_kept, check_input_count, fake_inputs
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["SavedTensor", "StorageInfo", "NodeRecord", "SavedTensors", "discover_saved_tensors", "meta_copy"]
@@ -301,7 +301,7 @@ def discover_saved_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[An
         log.info("meta run failed (%s); discovering on fake tensors", e)
         gm.train()
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with mode:
+        with buffers_kept(gm), mode:
             out = run(gm, fake_inputs(mode, example_inputs))
     finally:
         for m, training in modes.items():

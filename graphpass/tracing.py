@@ -12,7 +12,8 @@ import inspect
 import linecache
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -263,10 +264,26 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     check_input_count(gm, example_inputs)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     prop = _NamedFakeTensorProp(gm, mode)
-    prop.propagate_dont_convert_inputs(*fake_inputs(mode, example_inputs, _parameter_device(gm)))
+    with buffers_kept(gm):
+        prop.propagate_dont_convert_inputs(*fake_inputs(mode, example_inputs, _parameter_device(gm)))
     for node in gm.graph.nodes:
         val = node.meta.get("val")
         set_meta(node, META_TENSOR, _info(val))
+
+
+@contextmanager
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Restore the real buffers that a fake-tensor run changed in place. Under FakeTensorMode with
+    real inputs allowed, BatchNorm's ``num_batches_tracked.add_(1)`` reaches the real counter: every
+    shape propagation counted a training step."""
+    kept = [(b, b._version, b.detach().clone()) for b in module.buffers() if not b.is_meta]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, version, value in kept:
+                if buffer._version != version:
+                    buffer.copy_(value)
 
 
 class _NamedFakeTensorProp(FakeTensorProp):

@@ -68,3 +68,16 @@ def test_retracing_a_transformed_model_keeps_proxy_norm_modules():
     again = gp.trace(gm)
     modules = [again.get_submodule(n.target) for n in again.graph.nodes if n.op == "call_module"]
     assert sum(isinstance(m, ProxyNormAct) for m in modules) == 2
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_shape_propagation_does_not_count_a_batchnorm_step(bits):
+    """Fake-tensor runs reach real buffers changed in place: num_batches_tracked counted each one."""
+    model = SmallResNet().train()
+    counters = {n: b.clone() for n, b in model.named_buffers() if n.endswith("num_batches_tracked")}
+    x = torch.randn(2, 3, 16, 16)
+    gm = gp.transform(model, (x,), bits=bits)
+    assert counters and all(torch.equal(gm.get_buffer(n), c) for n, c in counters.items())
+    model(x)
+    gm(x)
+    assert all(torch.equal(gm.get_buffer(n), model.get_buffer(n)) for n in counters)
