@@ -138,7 +138,7 @@ def test_transformed_model_exports_without_compression_or_batchnorm(tmp_path):
     assert "BatchNormalization" not in op_types(tmp_path / "t.onnx")
     assert [n.name for n in gm.graph.nodes] == before  # the caller's graph keeps its compression points
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "t.onnx")).metadata_props}
-    assert [p["name"] for p in json.loads(props["graphpass.passes"])] == ["replace_batchnorm", "insert_quantize_on_save"]
+    assert [p["name"] for p in json.loads(props["graphpass.passes"])] == ["replace_batchnorm", "expand_norm_act", "insert_quantize_on_save"]
 
 
 class TrainingOnlyOps(nn.Module):
