@@ -14,6 +14,7 @@ from graphpass.meta import META_FROM_PASS, META_MODULE
 
 __all__ = [
     "module_of",
+    "is_norm_act",
     "replace_submodule",
     "copy_meta",
     "call_module_nodes",
@@ -71,6 +72,12 @@ def call_module_nodes(gm: torch.fx.GraphModule, types: type | tuple[type, ...]) 
         m = module_of(gm, node)
         if m is not None and isinstance(m, types):
             yield node, m
+
+
+def is_norm_act(module: nn.Module) -> bool:
+    """timm's BatchNormAct2d / SyncBatchNormAct and their kind: a norm with ``drop`` and ``act``
+    submodules that its forward applies after normalizing."""
+    return isinstance(getattr(module, "act", None), nn.Module) and isinstance(getattr(module, "drop", None), nn.Module)
 
 
 def replace_submodule(gm: torch.fx.GraphModule, target: str, new_module: nn.Module) -> None:

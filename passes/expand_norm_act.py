@@ -35,7 +35,7 @@ import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from graphpass.ir import copy_meta, module_of, replace_submodule
+from graphpass.ir import copy_meta, is_norm_act, module_of, replace_submodule
 from graphpass.meta import META_SAVED, META_TENSOR
 from graphpass.pass_base import PassKind, PassResult, graph_pass
 
@@ -45,10 +45,6 @@ log = logging.getLogger(__name__)
 
 PASS_NAME = "expand_norm_act"
 _STANDARD_NORM_ACT = ("timm.layers.norm_act.BatchNormAct2d", "timm.layers.norm_act.SyncBatchNormAct")
-
-
-def _is_norm_act(module: nn.Module) -> bool:
-    return isinstance(module, _BatchNorm) and all(isinstance(getattr(module, n, None), nn.Module) for n in ("drop", "act"))
 
 
 def _plain_norm(norm_act: _BatchNorm) -> _BatchNorm:
@@ -80,7 +76,7 @@ def expand_norm_act(gm: torch.fx.GraphModule) -> PassResult:
         module = module_of(gm, node)
         target = str(node.target)
         if target not in plain:
-            if module is None or not _is_norm_act(module):
+            if not isinstance(module, _BatchNorm) or not is_norm_act(module):
                 continue
             name = f"{type(module).__module__}.{type(module).__qualname__}"
             if name not in _STANDARD_NORM_ACT:

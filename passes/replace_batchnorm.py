@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from graphpass.errors import InputError
-from graphpass.ir import FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, MODULE_ACTIVATIONS, call_arg, module_of, replace_submodule
+from graphpass.ir import FUNCTION_ACTIVATIONS, METHOD_ACTIVATIONS, MODULE_ACTIVATIONS, call_arg, is_norm_act, module_of, replace_submodule
 from graphpass.meta import META_FROM_PASS, META_MODULE, META_NORM, META_SAVED, set_meta
 from graphpass.pass_base import PassKind, PassResult, graph_pass
 from graphpass.proxy_norm import NormRecord, ProxyNormAct, ScaledGroupNorm
@@ -110,11 +110,6 @@ def _node_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torc
     return f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)}) is not a supported activation"
 
 
-def _is_norm_act(bn: nn.Module) -> bool:
-    """timm's BatchNormAct2d / SyncBatchNormAct: BatchNorm, then ``drop``, then ``act`` in one module."""
-    return isinstance(getattr(bn, "act", None), nn.Module) and isinstance(getattr(bn, "drop", None), nn.Module)
-
-
 def _has_standard_forward(bn: _BatchNorm) -> bool:
     return type(bn).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 
@@ -131,7 +126,7 @@ def _match(gm: torch.fx.GraphModule, node: torch.fx.Node, bn: _BatchNorm) -> _Ma
     """Classify one BatchNorm node; a string is the reason it is left alone."""
     if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
         return "lazy BatchNorm without materialized parameters"
-    if _is_norm_act(bn):
+    if is_norm_act(bn):
         if not isinstance(bn.drop, nn.Identity):
             return f"{type(bn).__name__} has a {type(bn.drop).__name__} between norm and activation"
         if not isinstance(bn.act, nn.Identity):
