@@ -16,7 +16,9 @@ import triton
 import triton.language as tl
 from triton.runtime import driver
 
-from graphpass.quantize import _EXACT_INTEGERS, _FLOAT32_MAX, FLAG_BLOCK, TINY_GAMMA, TINY_STEP, _level_reciprocals
+from graphpass.quantize import (
+    _EXACT_INTEGERS, _FLOAT32_MAX, FLAG_BLOCK, TINY_GAMMA, TINY_STEP, WINDOW_STDS, _level_reciprocals,
+)  # fmt: skip
 from graphpass.triton_launch import direct_launch
 
 __all__ = [
@@ -92,12 +94,13 @@ def _jump_widened(near, wide_lo, wide_hi, mean, std, step, JUMP: tl.constexpr):
 
 @triton.jit
 def _anchored_grid(
-    mean, std, N: tl.constexpr, TINY: tl.constexpr, ANCHORED: tl.constexpr, JUMP_LOW: tl.constexpr, JUMP_HIGH: tl.constexpr
+    mean, std, N: tl.constexpr, HALF: tl.constexpr, TINY: tl.constexpr, ANCHORED: tl.constexpr, JUMP_LOW: tl.constexpr,
+    JUMP_HIGH: tl.constexpr,
 ):  # fmt: skip
-    # graphpass.quantize.anchored_grid, per element; JUMP_LOW / JUMP_HIGH 0.0 where absent. Launched
-    # without FMA contraction, so it rounds as PyTorch's eager ops do.
-    lo = mean - 3.0 * std
-    hi = mean + 3.0 * std
+    # graphpass.quantize.anchored_grid, per element; HALF: WINDOW_STDS[bits]; JUMP_LOW / JUMP_HIGH 0.0
+    # where absent. Launched without FMA contraction, so it rounds as PyTorch's eager ops do.
+    lo = mean - HALF * std
+    hi = mean + HALF * std
     if ANCHORED:
         low = tl.full(mean.shape, 1.0, tl.float32)
         high = tl.full(mean.shape, N - 1.0, tl.float32)
@@ -122,12 +125,12 @@ def _anchored_grid(
     else:
         low = tl.full(mean.shape, -EXACT_INTEGERS, tl.float32)
         high = tl.full(mean.shape, EXACT_INTEGERS, tl.float32)
-        step = std * (6.0 / N)
+        step = std * (2.0 * HALF / N)
     alt = tl.abs(mean) * (2.0 / N)
     alt = tl.where((alt > TINY) & (alt < float("inf")), alt, TINY)
     step = tl.where((step > TINY) & (step < float("inf")), step, alt)
     inv = tl.math.div_rn(tl.full(step.shape, 1.0, tl.float32), step)
-    q = tl.floor((lo + hi) * 0.5 * inv)
+    q = tl.floor((lo + hi) * 0.5 * inv + 0.5)
     q = tl.where(q == q, q, 0.0)
     shift = (N // 2) - q
     shift = tl.where(shift < low, low, shift)
@@ -259,15 +262,15 @@ def group_unpack(codes, scales, flags, bits: int, group_size: int, numel: int, d
 @direct_launch
 @triton.jit
 def _anchored_table_kernel(
-    mean_ptr, std_ptr, table_ptr, channels, N: tl.constexpr, TINY: tl.constexpr, ANCHORED: tl.constexpr,
-    JUMP_LOW: tl.constexpr, JUMP_HIGH: tl.constexpr, BLOCK: tl.constexpr,
+    mean_ptr, std_ptr, table_ptr, channels, N: tl.constexpr, HALF: tl.constexpr, TINY: tl.constexpr,
+    ANCHORED: tl.constexpr, JUMP_LOW: tl.constexpr, JUMP_HIGH: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # Per-channel rows [step, 1/step, shift]: computed once so the element kernels only gather.
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = c < channels
     step, inv, shift = _anchored_grid(
-        tl.load(mean_ptr + c, mask=inside, other=0.0), tl.load(std_ptr + c, mask=inside, other=1.0), N, TINY, ANCHORED,
-        JUMP_LOW, JUMP_HIGH,
+        tl.load(mean_ptr + c, mask=inside, other=0.0), tl.load(std_ptr + c, mask=inside, other=1.0), N, HALF, TINY,
+        ANCHORED, JUMP_LOW, JUMP_HIGH,
     )
     tl.store(table_ptr + c * 3, step, mask=inside)
     tl.store(table_ptr + c * 3 + 1, inv, mask=inside)
@@ -706,8 +709,8 @@ def anchored_table(mean, std, bits: int, anchored: bool, jumps: tuple[float, flo
     table = torch.empty(channels, 3, dtype=torch.float32, device=mean.device)
     block = min(1024, _next_power_of_2(channels))
     _anchored_table_kernel[(_cdiv(channels, block),)](
-        mean, std, table, channels, N=1 << bits, TINY=TINY_STEP, ANCHORED=anchored, JUMP_LOW=jumps[0],
-        JUMP_HIGH=jumps[1], BLOCK=block, enable_fp_fusion=False,
+        mean, std, table, channels, N=1 << bits, HALF=WINDOW_STDS[bits], TINY=TINY_STEP, ANCHORED=anchored,
+        JUMP_LOW=jumps[0], JUMP_HIGH=jumps[1], BLOCK=block, enable_fp_fusion=False,
     )  # fmt: skip
     return table
 
@@ -763,8 +766,8 @@ _TABLE_BLOCK = 1024
 def _layer_tables_kernel(
     mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, grid_ptr, floats_ptr, channels, count, group_size, groups,
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, STORE_OUTPUT: tl.constexpr, HAS_GRID: tl.constexpr,
-    PER_SAMPLE: tl.constexpr, N: tl.constexpr, TINY: tl.constexpr, TINY_GAMMA: tl.constexpr, JUMP_LOW: tl.constexpr,
-    JUMP_HIGH: tl.constexpr, BLOCK: tl.constexpr,
+    PER_SAMPLE: tl.constexpr, N: tl.constexpr, HALF: tl.constexpr, TINY: tl.constexpr, TINY_GAMMA: tl.constexpr,
+    JUMP_LOW: tl.constexpr, JUMP_HIGH: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # graphpass.quantize.layer_maps and anchored_grid, per entry, in the same float32 operations
     # (launched without FMA contraction, so they round as PyTorch's eager ops do). An entry is a
@@ -800,7 +803,7 @@ def _layer_tables_kernel(
     tl.store(floats_ptr + 5 * count + i, h_shift, mask=inside)
     if HAS_GRID:
         # Without an activation the stored tensor is the norm's input, whose sign nothing reads.
-        step, inv, code_shift = _anchored_grid(grid_mean, grid_std, N, TINY, STORE_OUTPUT, JUMP_LOW, JUMP_HIGH)
+        step, inv, code_shift = _anchored_grid(grid_mean, grid_std, N, HALF, TINY, STORE_OUTPUT, JUMP_LOW, JUMP_HIGH)
         tl.store(grid_ptr + i * 3, step, mask=inside)
         tl.store(grid_ptr + i * 3 + 1, inv, mask=inside)
         tl.store(grid_ptr + i * 3 + 2, code_shift, mask=inside)
@@ -819,8 +822,8 @@ def layer_tables(
         mean, rstd, gamma if gamma is not None else mean, beta if beta is not None else mean,
         grid if grid is not None else floats, floats, channels, count, channels // groups, groups,
         HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, STORE_OUTPUT=store_output, HAS_GRID=grid is not None,
-        PER_SAMPLE=groups != count, N=1 << (bits or 8), TINY=TINY_STEP, TINY_GAMMA=TINY_GAMMA, JUMP_LOW=jumps[0],
-        JUMP_HIGH=jumps[1], BLOCK=_TABLE_BLOCK, enable_fp_fusion=False,
+        PER_SAMPLE=groups != count, N=1 << (bits or 8), HALF=WINDOW_STDS[bits or 8], TINY=TINY_STEP,
+        TINY_GAMMA=TINY_GAMMA, JUMP_LOW=jumps[0], JUMP_HIGH=jumps[1], BLOCK=_TABLE_BLOCK, enable_fp_fusion=False,
     )  # fmt: skip
     return grid, floats
 

@@ -12,6 +12,7 @@ import graphpass.quantize as quantize_module
 from graphpass.errors import InputError
 from graphpass.quantize import (
     FLAG_BLOCK,
+    WINDOW_STDS,
     Activation,
     Packed,
     anchored_grid,
@@ -134,27 +135,29 @@ def test_anchored_within_half_step_inside_window(bits):
     assert p.nbytes == -(-v.numel() * bits // 8) + 6 * 12 + -(-v.numel() // FLAG_BLOCK)
 
 
-def _far_window_tensor():
-    """Values spread over mean +- 3 std (std 1), for means from -40 to 40 std: per channel."""
+def _far_window_tensor(half: float):
+    """Values spread over mean +- half std (std 1), for means from -40 to 40 std: per channel."""
     ratio = torch.tensor([-40.0, -10.0, -5.0, -3.0, -1.0, 0.0, 2.0, 3.5, 6.0, 40.0])
-    u = torch.linspace(-3.0, 3.0, 121)[1:]  # the window, its top edge included
+    u = torch.linspace(-half, half, 121)[1:]  # the window, its top edge included
     return u.view(-1, 1) + ratio, ratio, torch.ones_like(ratio)
 
 
 @pytest.mark.parametrize("bits", BITS)
 def test_anchored_window_is_not_clipped_far_from_zero(bits):
-    """|mean| > 3 std: BLPA's grid would clip the window's far side; this one widens its step just
+    """|mean| > w std: BLPA's grid would clip the window's far side; this one widens its step just
     enough for the bins on the mean's side of zero to reach it, and keeps the sign exact."""
-    v, mean, std = _far_window_tensor()
+    half = WINDOW_STDS[bits]
+    v, mean, std = _far_window_tensor(half)
     p = pack_anchored(v, bits, mean=mean, std=std, channel_dim=1)
     n = 1 << bits
     step = p.grid[:, 0]
-    widest = torch.maximum(6 * std / n, (mean.abs() + 3 * std) / (n - 1))
+    widest = torch.maximum(2 * half * std / n, (mean.abs() + half * std) / (n - 1))
     assert (step <= widest * (1 + 1e-6)).all()
-    assert torch.equal(step[mean.abs() <= 1], 6 * std[mean.abs() <= 1] / n)  # near zero: BLPA's step
-    # Where the mean is 3 std or more from zero the whole window fits; elsewhere the grid is
+    near = mean.abs() <= 1
+    assert torch.equal(step[near], 2 * half * std[near] / n)  # near zero: the window's own step
+    # Where the mean is w std or more from zero the whole window fits; elsewhere the grid is
     # anchored at 0, not at the mean, so an edge of the window may miss up to one step.
-    inside = ((v - mean).abs() <= 3 - step) | (mean.abs() >= 3)
+    inside = ((v - mean).abs() <= half - step) | (mean.abs() >= half)
     err = (unpack(p) - v).abs()
     bound = step * 0.5 * (1 + 1e-5) + 1e-6 * v.abs()  # float rounding of v / step, v far from zero
     assert (err[inside] <= bound[inside]).all()
@@ -163,15 +166,39 @@ def test_anchored_window_is_not_clipped_far_from_zero(bits):
 
 @pytest.mark.parametrize("bits", BITS)
 def test_centred_grid_keeps_its_step_far_from_zero(bits):
-    """anchored=False: the window mean +- 3 std in steps of 6 std / 2**bits wherever the mean is."""
-    v, mean, std = _far_window_tensor()
+    """anchored=False: the window mean +- w std in steps of 2 w std / 2**bits wherever the mean is."""
+    half = WINDOW_STDS[bits]
+    v, mean, std = _far_window_tensor(half)
     p = pack_anchored(v, bits, mean=mean, std=std, channel_dim=1, anchored=False)
     n = 1 << bits
     assert torch.equal(p.grid, torch.stack(anchored_grid(mean, std, bits, anchored=False), 1))
-    assert torch.allclose(p.grid[:, 0], 6 * std / n)
-    inside = v < mean + 3 - 6 / n  # the grid is centred to within a step: its top bin may fall short
+    assert torch.allclose(p.grid[:, 0], 2 * half * std / n)
+    inside = (v - mean).abs() <= half - half / n  # centred to within half a step: an end may fall short
     err = (unpack(p) - v).abs()
-    assert (err[inside] <= ((3 / n) * (1 + 1e-5) + 1e-6 * v.abs())[inside]).all()
+    assert (err[inside] <= ((half / n) * (1 + 1e-5) + 1e-6 * v.abs())[inside]).all()
+
+
+@pytest.mark.parametrize("anchored", [True, False])
+@pytest.mark.parametrize("bits,bound", [(8, 0.011), (4, 0.115), (2, 0.36)])
+def test_window_error_on_gaussian_channels(bits, bound, anchored):
+    """Root-mean-square error over std on Gaussian channels, near the least a uniform 2**bits grid
+    reaches (8 bits: 0.010, 4: 0.110, 2: 0.345). BLPA's +-3 std window gave 0.022 at 8 bits (the
+    clipped tails) and, with its centre floored to a step, 0.48 at 2 bits."""
+    v = torch.randn(8, 64, 16, 16, generator=torch.Generator().manual_seed(0))
+    mean, std = _channel_stats(v)
+    err = unpack(pack_anchored(v, bits, mean=mean, std=std, anchored=anchored)) - v
+    assert err.pow(2).mean().sqrt() / v.std() < bound
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_grid_centre_is_the_step_nearest_the_mean(bits):
+    """A mean within half a step of zero leaves 2**(bits-1) bins on each side of it (BLPA floors
+    mean / step: a mean just below zero moved the window down a whole step)."""
+    n = 1 << bits
+    step = 2 * WINDOW_STDS[bits] / n
+    mean = torch.tensor([-0.49, -0.01, 0.0, 0.01, 0.49, 0.51, -0.51]) * step
+    _, _, shift = anchored_grid(mean, torch.ones(7), bits)
+    assert shift.tolist() == [n / 2] * 5 + [n / 2 - 1, n / 2 + 1]
 
 
 JUMP_CASES = [("relu6", (6.0,)), ("hardswish", (-3.0, 3.0))]
@@ -220,8 +247,9 @@ def test_centred_grid_of_an_infinite_mean_stays_finite():
 @pytest.mark.parametrize("bits", BITS)
 def test_anchored_stochastic_rounding_is_unbiased(bits):
     n = 1 << bits
-    step = 6.0 / n
-    row = torch.tensor([-2.3, -1.1, 0.7, 1.3, 2.1]) + 0.3 * step  # away from zero, inside the window
+    step = 2 * WINDOW_STDS[bits] / n
+    # Away from zero, inside the window.
+    row = WINDOW_STDS[bits] * torch.tensor([-0.77, -0.37, 0.23, 0.43, 0.7]) + 0.3 * step
     row = row[(row.abs() > step) & (row > -n // 2 * step) & (row < (n // 2 - 1) * step)]
     v = row.view(1, 1, -1).expand(20000, 1, -1).contiguous()
     p = pack_anchored(v, bits, mean=torch.zeros(1), std=torch.ones(1), stochastic=True)
