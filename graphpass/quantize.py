@@ -80,9 +80,9 @@ FLAG_BLOCK = 1024  # anchored layout: elements per NaN/Inf flag (one Triton prog
 TORCH_CHUNK = 2**17  # elements the PyTorch path rebuilds at a time where it need not rebuild all
 TINY_STEP = 2.0**-100  # smallest grid step; keeps 1/step finite for constant channels
 # Half-width of the per-channel grid's window, in standard deviations, by bit width. BLPA's +-3 std
-# (papers.md 1.4) stays at 4 bits, where it was best. At 8 bits the values clipped beyond 3 std
-# carry most of the error (three times the rounding error for a Gaussian), at 2 bits the rounding
-# does; gradient errors to exact, resnet50 / efficientnet_b0 / mobilenet_v2, were lowest near these.
+# (papers.md 1.4) stays at 4 bits, where it was best. At 8 bits the values it clips carried most of
+# the error (three times the rounding error for a Gaussian), at 2 bits the step did. Gradient errors
+# to exact (resnet50, efficientnet_b0, mobilenet_v2) were lowest near these widths (README).
 WINDOW_STDS = {8: 4.5, 4: 3.0, 2: 2.0}
 _EXACT_INTEGERS = float(2**24)  # float32 holds every integer up to this
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -299,8 +299,9 @@ def pack_anchored(
 
     ``mean``/``std`` are the per-channel mean and standard deviation of ``v`` (C elements each,
     any shape); they set the window ``mean_c +- w std_c`` (w = ``WINDOW_STDS[bits]``). The
-    per-channel grid derived from them (:func:`anchored_grid`) is stored (12 bytes per channel). Sign is exact: codes at or above the
-    channel's shift are exactly ``v > 0``, and rebuilt values are > 0 exactly where ``v > 0``.
+    per-channel grid derived from them (:func:`anchored_grid`) is stored (12 bytes per channel).
+    Sign is exact: codes at or above the channel's shift are exactly ``v > 0``, and rebuilt values
+    are > 0 exactly where ``v > 0``.
     Inside the window the error is at most ``step_c / 2``. ``stochastic=True`` rounds between bin
     midpoints without bias, except within half a step of zero (the sign wins) and outside the
     window (clipped). ``jumps``: where the derivative of the activation applied to ``v`` jumps
