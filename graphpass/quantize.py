@@ -79,11 +79,12 @@ DEFAULT_GROUP_SIZE = 256
 FLAG_BLOCK = 1024  # anchored layout: elements per NaN/Inf flag (one Triton program each)
 TORCH_CHUNK = 2**17  # elements the PyTorch path rebuilds at a time where it need not rebuild all
 TINY_STEP = 2.0**-100  # smallest grid step; keeps 1/step finite for constant channels
-# Half-width of the per-channel grid's window, in standard deviations, by bit width. BLPA's +-3 std
-# (papers.md 1.4) stays at 4 bits, where it was best. At 8 bits the values it clips carried most of
-# the error (three times the rounding error for a Gaussian), at 2 bits the step did. Gradient errors
-# to exact (resnet50, efficientnet_b0, mobilenet_v2) were lowest near these widths (README).
-WINDOW_STDS = {8: 4.5, 4: 3.0, 2: 2.0}
+# Half-width of the per-channel grid's window, in standard deviations, by bit width. At 8 bits the
+# values BLPA's +-3 std (papers.md 1.4) clips carried most of the error (three times the rounding
+# error for a Gaussian); +-4.5 cut gradient errors to exact by 2-3x. BLPA's window stays at 4 bits,
+# where it was best, and at 2: +-2 halved one step's error there, but clipping biases every step,
+# and training on digits lost two points (README).
+WINDOW_STDS = {8: 4.5, 4: 3.0, 2: 3.0}
 _EXACT_INTEGERS = float(2**24)  # float32 holds every integer up to this
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _BACKENDS = (None, "torch", "triton")
@@ -1134,7 +1135,7 @@ def anchored_grid(
     """Per-channel (step, 1/step, shift) of the grid, all float32 (what Packed.grid holds).
 
     The window is ``mean +- w std`` in steps of ``2 w std / 2**bits``, w = ``WINDOW_STDS[bits]``
-    (BLPA's 3 at 4 bits, 4.5 at 8, 2 at 2), centred on the multiple of the step nearest the mean
+    (BLPA's 3 at 4 and 2 bits, 4.5 at 8), centred on the multiple of the step nearest the mean
     (BLPA floors it, which moves the window by up to a step: a quarter of it at 2 bits).
     ``anchored``: 0 is a bin boundary with a bin on each side (shift clamped to [1, 2**bits - 1]),
     so the sign is exact.
