@@ -1135,10 +1135,8 @@ def anchored_grid(
     """Per-channel (step, 1/step, shift) of the grid, all float32 (what Packed.grid holds).
 
     The window is ``mean +- w std`` in steps of ``2 w std / 2**bits``, w = ``WINDOW_STDS[bits]``
-    (BLPA's 3 at 4 and 2 bits, 4.5 at 8), centred on the multiple of the step nearest the mean
-    (BLPA floors it, which moves the window by up to a step: a quarter of it at 2 bits).
-    ``anchored``: 0 is a bin boundary with a bin on each side (shift clamped to [1, 2**bits - 1]),
-    so the sign is exact.
+    (BLPA's 3 at 4 and 2 bits, 4.5 at 8). ``anchored``: 0 is a bin boundary with a bin on each
+    side (shift clamped to [1, 2**bits - 1]), so the sign is exact.
     Where the window lies beyond zero's reach (``|mean| > ~w std``), the step grows until the
     ``2**bits - 1`` bins on the mean's side of zero reach the window's far edge: coarser, but not
     clipped (BLPA's own grid clips that tail, papers.md 1.4). ``jumps``: the points (one magnitude,
@@ -1183,7 +1181,7 @@ def anchored_grid(
     alt = torch.where((alt > TINY_STEP) & (alt < math.inf), alt, TINY_STEP)
     step = torch.where((step > TINY_STEP) & (step < math.inf), step, alt)
     inv = 1.0 / step
-    q = torch.floor((lo + hi) * 0.5 * inv + 0.5)
+    q = torch.floor((lo + hi) * 0.5 * inv)
     q = torch.where(q == q, q, 0.0)
     shift = (n // 2) - q
     shift = torch.where(shift < low, low, shift)

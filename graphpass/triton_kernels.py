@@ -130,7 +130,7 @@ def _anchored_grid(
     alt = tl.where((alt > TINY) & (alt < float("inf")), alt, TINY)
     step = tl.where((step > TINY) & (step < float("inf")), step, alt)
     inv = tl.math.div_rn(tl.full(step.shape, 1.0, tl.float32), step)
-    q = tl.floor((lo + hi) * 0.5 * inv + 0.5)
+    q = tl.floor((lo + hi) * 0.5 * inv)
     q = tl.where(q == q, q, 0.0)
     shift = (N // 2) - q
     shift = tl.where(shift < low, low, shift)
