@@ -82,8 +82,8 @@ TINY_STEP = 2.0**-100  # smallest grid step; keeps 1/step finite for constant ch
 # Half-width of the per-channel grid's window, in standard deviations, by bit width. At 8 bits the
 # values BLPA's +-3 std (papers.md 1.4) clips carried most of the error (three times the rounding
 # error for a Gaussian); +-4.5 cut gradient errors to exact by 2-3x. BLPA's window stays at 4 bits,
-# where it was best, and at 2: +-2 halved one step's error there, but clipping biases every step,
-# and training on digits lost two points (README).
+# where it was best, and at 2: +-2 lowered one step's gradient error there, but its clipping biases
+# every step, and training on digits lost two points (README).
 WINDOW_STDS = {8: 4.5, 4: 3.0, 2: 3.0}
 _EXACT_INTEGERS = float(2**24)  # float32 holds every integer up to this
 _FLOAT32_MAX = torch.finfo(torch.float32).max
