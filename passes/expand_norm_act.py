@@ -35,7 +35,7 @@ import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from graphpass.ir import copy_meta, is_norm_act, module_of, replace_submodule
+from graphpass.ir import call_module_nodes, copy_meta, is_norm_act, replace_submodule
 from graphpass.meta import META_SAVED, META_TENSOR
 from graphpass.pass_base import PassKind, PassResult, graph_pass
 
@@ -72,11 +72,10 @@ def expand_norm_act(gm: torch.fx.GraphModule) -> PassResult:
     """
     expanded = 0
     plain: dict[str, _BatchNorm] = {}  # one swapped module per target, however many call sites
-    for node in list(gm.graph.nodes):
-        module = module_of(gm, node)
+    for node, module in list(call_module_nodes(gm, _BatchNorm)):
         target = str(node.target)
         if target not in plain:
-            if not isinstance(module, _BatchNorm) or not is_norm_act(module):
+            if not is_norm_act(module):
                 continue
             name = f"{type(module).__module__}.{type(module).__qualname__}"
             if name not in _STANDARD_NORM_ACT:
